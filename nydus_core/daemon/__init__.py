@@ -1,0 +1,1 @@
+"""Daemon records, spawn/stop, API client, liveness and recovery (backend-neutral)."""

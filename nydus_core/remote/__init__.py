@@ -1,0 +1,1 @@
+"""OCI distribution client: auth, mirrors, range reads, retries."""

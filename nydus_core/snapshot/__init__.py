@@ -1,0 +1,1 @@
+"""The snapshotter: gRPC service, metastore, filters, mount builders and labels."""
