@@ -1,0 +1,1 @@
+"""Built-in plugins: default behaviour expressed through the public hooks."""
