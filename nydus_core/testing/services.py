@@ -1,0 +1,1 @@
+"""Fixtures that start real services for tests: docker-registry, containerd, test images."""
