@@ -1,1 +1,643 @@
-"""Fixtures that start real services for tests: docker-registry, containerd, test images."""
+"""Real services for tests, the demo and the benchmarks: docker-registry, containerd, the snapshotter.
+
+Everything here starts genuine processes (no fakes) inside one temporary directory and stops them
+again, because the only convincing test of a proxy snapshotter is containerd itself calling it.
+The plain classes (`Registry`, `Containerd`, `NydusSnapshotter`, `ServiceStack`,
+`build_busybox_image`) have no pytest dependency so `bench/` and `scripts/demo.py` reuse them;
+the session-scoped fixtures at the bottom wrap them for pytest.
+
+containerd 1.6 writes a few things under ``/run/containerd`` whatever its config says (shim
+sockets, runc state per namespace, ctr fifos). That directory is shared with every other containerd
+on the machine, so each `Containerd` uses a namespace unique to this process and removes its tasks
+and containers before it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+import grpc
+import pytest
+
+__all__ = [
+    "BUSYBOX_LAYER2_FILE",
+    "BUSYBOX_LAYER2_TEXT",
+    "BUSYBOX_LAYER3_FILE",
+    "BUSYBOX_LAYER3_TEXT",
+    "Containerd",
+    "ManagedProcess",
+    "NydusSnapshotter",
+    "Registry",
+    "ServiceError",
+    "ServiceStack",
+    "build_busybox_image",
+    "busybox_image",
+    "containerd",
+    "free_tcp_port",
+    "nydus_services_dir",
+    "nydus_snapshotter",
+    "pytest_runtest_makereport",
+    "registry",
+    "snapshotter_executable",
+    "unmount_below",
+    "wait_until",
+]
+
+#: A file that only the second layer of the test image contains, and its exact content.
+BUSYBOX_LAYER2_FILE = "/data/layer2.txt"
+BUSYBOX_LAYER2_TEXT = "hello from layer2"
+#: A file that only the third layer contains; proves the whole chain is stacked in order.
+BUSYBOX_LAYER3_FILE = "/etc/layer3.txt"
+BUSYBOX_LAYER3_TEXT = "hello from layer3"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started or did not become ready; the message names its log file."""
+
+
+def free_tcp_port() -> int:
+    """Ask the kernel for a free loopback port (never assume 5000 is free on a shared machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `check` until it returns true; raise `ServiceError` naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() >= deadline:
+            raise ServiceError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _require_tool(name: str) -> str:
+    """Return the path of a required binary, or fail with the apt package that provides it."""
+    path = shutil.which(name)
+    if path is None:
+        raise ServiceError(
+            f"{name!r} is not on PATH; install it (see README: apt-get install containerd runc "
+            "docker-registry skopeo umoci busybox-static)"
+        )
+    return path
+
+
+def _tail(path: Path, limit: int = 20000) -> str:
+    """The last `limit` characters of a log file, for error messages and failure reports."""
+    try:
+        data = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return data[-limit:]
+
+
+def unmount_below(prefix: Path) -> None:
+    """Lazily unmount every mount point under `prefix`, deepest first.
+
+    Safety net for teardown: a crashed test can leave an overlay mounted under a temp dir, and
+    `rm -rf` on a mounted overlay would delete the lower layers' files through it.
+    """
+    base = str(prefix.resolve())
+    points: list[str] = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].replace("\\040", " ")
+            if mnt == base or mnt.startswith(base + "/"):
+                points.append(mnt)
+    for mnt in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+
+
+class ManagedProcess:
+    """One daemon process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the process in its own session so terminal signals aimed at pytest miss it."""
+        if self.alive():
+            raise ServiceError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
+        self._log.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+        self._log.flush()
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+
+    def check_running(self) -> None:
+        """Raise with the log tail if the process has already exited (used while waiting for ready)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            raise ServiceError(
+                f"{self.name} exited with code {self._proc.returncode}; log {self.log_path}:\n"
+                f"{_tail(self.log_path, 4000)}"
+            )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. Safe to call twice."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._reap()
+
+    def kill9(self) -> None:
+        """SIGKILL without any grace: simulates a crash (no cleanup code runs)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._proc = None
+
+
+class Registry:
+    """A docker-registry (distribution 2.8) on a free 127.0.0.1 port, storage under `workdir`."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "registry.log"
+        self.port = 0
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:<port>``, the registry part of an image reference."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start and wait for ``GET /v2/`` to answer 200; retries with a new port if one was taken."""
+        exe = _require_tool("docker-registry")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        last: Exception | None = None
+        for _ in range(3):
+            self.port = free_tcp_port()
+            config = self.workdir / "config.yml"
+            config.write_text(
+                "version: 0.1\n"
+                "log: {level: info}\n"
+                f"storage:\n  filesystem: {{rootdirectory: {self.data_dir}}}\n  delete: {{enabled: true}}\n"
+                f"http: {{addr: {self.host}}}\n"
+            )
+            self._proc = ManagedProcess("docker-registry", [exe, "serve", str(config)], self.log_path)
+            self._proc.start()
+            try:
+                wait_until(self._ready, timeout, f"docker-registry on {self.host} (log {self.log_path})")
+                return
+            except ServiceError as e:
+                last = e
+                self._proc.stop()
+        raise ServiceError(f"docker-registry did not start: {last}\n{_tail(self.log_path, 4000)}")
+
+    def _ready(self) -> bool:
+        assert self._proc is not None
+        self._proc.check_running()
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as resp:
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+
+
+def build_busybox_image(workdir: Path, registry_host: str, repo: str = "busybox", tag: str = "latest") -> str:
+    """Build a 3-layer busybox image offline with umoci and push it with skopeo; return its reference.
+
+    Layer 1: static busybox plus a few applet links and ``/etc/hello.txt``; layer 2: ``/data``
+    (`BUSYBOX_LAYER2_FILE` and 1 MiB of random bytes); layer 3: `BUSYBOX_LAYER3_FILE`. Three layers
+    give a snapshot chain with two lower directories, which is where overlay mount shapes differ.
+    """
+    umoci = _require_tool("umoci")
+    skopeo = _require_tool("skopeo")
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        raise ServiceError("/bin/busybox is missing; apt-get install busybox-static")
+    workdir.mkdir(parents=True, exist_ok=True)
+    layout = workdir / "oci"
+    image = f"{layout}:{repo}"  # umoci's syntax; skopeo's is oci:<layout>:<tag>
+
+    def run(*argv: str) -> None:
+        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ServiceError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+
+    run(umoci, "init", "--layout", str(layout))
+    run(umoci, "new", "--image", image)
+    bundle = workdir / "bundle"
+    run(umoci, "unpack", "--image", image, str(bundle))
+    rootfs = bundle / "rootfs"
+    for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(busybox, rootfs / "bin" / "busybox")
+    for applet in ("sh", "ls", "cat", "echo", "env", "sleep", "true"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    (rootfs / "etc" / "hello.txt").write_text("hello from layer1\n")
+    run(umoci, "repack", "--image", image, str(bundle))
+    run(umoci, "config", "--image", image, "--config.cmd", "/bin/sh", "--config.env", "PATH=/bin",
+        "--architecture", "amd64", "--os", "linux")
+    layer2 = workdir / "layer2" / "data"
+    layer2.mkdir(parents=True)
+    (layer2 / Path(BUSYBOX_LAYER2_FILE).name).write_text(BUSYBOX_LAYER2_TEXT + "\n")
+    (layer2 / "random.bin").write_bytes(os.urandom(1 << 20))
+    run(umoci, "insert", "--image", image, str(layer2), "/data")
+    layer3 = workdir / "layer3"
+    layer3.mkdir()
+    (layer3 / Path(BUSYBOX_LAYER3_FILE).name).write_text(BUSYBOX_LAYER3_TEXT + "\n")
+    run(umoci, "insert", "--image", image, str(layer3 / Path(BUSYBOX_LAYER3_FILE).name), BUSYBOX_LAYER3_FILE)
+    run(umoci, "gc", "--layout", str(layout))
+    ref = f"{registry_host}/{repo}:{tag}"
+    run(skopeo, "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}", f"docker://{ref}")
+    return ref
+
+
+class Containerd:
+    """containerd 1.6 with its own root, state and sockets under `workdir`, CRI disabled.
+
+    `proxy_snapshotters` maps a snapshotter name to the unix socket of a proxy snapshotter; each
+    becomes a ``[proxy_plugins.<name>]`` section (containerd dials lazily, so the snapshotter may
+    start later). `namespace` is unique per instance unless given.
+    """
+
+    def __init__(self, workdir: Path, proxy_snapshotters: dict[str, Path], namespace: str | None = None):
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.state = workdir / "state"
+        self.address = str(workdir / "containerd.sock")
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "containerd.log"
+        self.proxy_snapshotters = dict(proxy_snapshotters)
+        self.namespace = namespace or f"nydus-test-{os.getpid()}-{secrets.token_hex(3)}"
+        self._ctr = _require_tool("ctr")
+        self._proc: ManagedProcess | None = None
+        self._namespaces: set[str] = {self.namespace}
+
+    @property
+    def overlayfs_root(self) -> Path:
+        """Where containerd's built-in overlayfs snapshotter keeps its snapshots."""
+        return self.root / "io.containerd.snapshotter.v1.overlayfs"
+
+    def config_text(self) -> str:
+        """The config.toml this instance runs with (printed by the demo as a usable example)."""
+        lines = [
+            "version = 2",
+            f'root = "{self.root}"',
+            f'state = "{self.state}"',
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            "[grpc]",
+            f'  address = "{self.address}"',
+            "[ttrpc]",
+            f'  address = "{self.workdir / "containerd-ttrpc.sock"}"',
+            '[plugins."io.containerd.internal.v1.opt"]',
+            f'  path = "{self.workdir / "opt"}"',
+            "[proxy_plugins]",
+        ]
+        for name, sock in self.proxy_snapshotters.items():
+            lines += [f"  [proxy_plugins.{name}]", '    type = "snapshot"', f'    address = "{sock}"']
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout: float = 30.0) -> None:
+        exe = _require_tool("containerd")
+        _require_tool("runc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        self._proc = ManagedProcess("containerd", [exe, "--config", str(self.config_path)], self.log_path)
+        self._proc.start()
+
+        def ready() -> bool:
+            assert self._proc is not None
+            self._proc.check_running()
+            return self.ctr("version", check=False, timeout=5).returncode == 0
+
+        wait_until(ready, timeout, f"containerd on {self.address} (log {self.log_path})", interval=0.1)
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 180.0,
+            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr --address <sock> -n <namespace> <args>``; with `check`, raise with its output."""
+        ns = namespace or self.namespace
+        self._namespaces.add(ns)
+        argv = [self._ctr, "--address", self.address, "-n", ns, *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                              stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise ServiceError(
+                f"{' '.join(argv)} failed ({proc.returncode}):\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def channel(self) -> grpc.Channel:
+        """A gRPC channel to containerd's own API socket (pair it with `metadata()`)."""
+        return grpc.insecure_channel(f"unix://{self.address}")
+
+    def metadata(self, namespace: str | None = None) -> tuple[tuple[str, str], ...]:
+        """The gRPC metadata that selects a containerd namespace."""
+        ns = namespace or self.namespace
+        self._namespaces.add(ns)
+        return (("containerd-namespace", ns),)
+
+    def cleanup_namespace(self, namespace: str) -> None:
+        """Kill and delete every task and container of `namespace` (shims outlive containerd otherwise)."""
+        tasks = self.ctr("tasks", "ls", "-q", namespace=namespace, check=False, timeout=30)
+        for task in tasks.stdout.split():
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, namespace=namespace, check=False, timeout=30)
+            for _ in range(50):
+                deleted = self.ctr("tasks", "delete", task, namespace=namespace, check=False, timeout=30)
+                if deleted.returncode == 0:
+                    break
+                time.sleep(0.1)
+        containers = self.ctr("containers", "ls", "-q", namespace=namespace, check=False, timeout=30)
+        for c in containers.stdout.split():
+            self.ctr("containers", "delete", c, namespace=namespace, check=False, timeout=30)
+
+    def stop(self) -> None:
+        """Remove tasks and containers of every namespace used, stop containerd, tidy /run/containerd."""
+        if self._proc is not None and self._proc.alive():
+            listed = self.ctr("namespaces", "ls", "-q", check=False, timeout=30).stdout.split()
+            for ns in sorted(self._namespaces | set(listed)):
+                self.cleanup_namespace(ns)
+            self._proc.stop()
+        for ns in self._namespaces:
+            # runc keeps per-namespace state here; other containerds on the machine use other names.
+            with contextlib.suppress(OSError):
+                (Path("/run/containerd/runc") / ns).rmdir()
+        unmount_below(self.workdir)
+
+
+def snapshotter_executable() -> str:
+    """Locate ``containerd-nydus-grpc``: $NYDUS_SNAPSHOTTER_BIN, next to this Python, then PATH."""
+    override = os.environ.get("NYDUS_SNAPSHOTTER_BIN")
+    if override:
+        return override
+    beside = Path(sys.executable).parent / "containerd-nydus-grpc"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("containerd-nydus-grpc")
+    if found is None:
+        raise ServiceError("containerd-nydus-grpc not found; run `pip install -e .` in this environment")
+    return found
+
+
+class NydusSnapshotter:
+    """``containerd-nydus-grpc`` as a subprocess, with crash (`kill9`) and `restart` helpers."""
+
+    def __init__(self, workdir: Path, address: Path, root: Path | None = None,
+                 extra_args: Sequence[str] = (), log_level: str = "debug"):
+        self.workdir = workdir
+        self.address = address
+        self.root = root or workdir / "root"
+        self.log_path = workdir / "snapshotter.log"
+        self.extra_args = list(extra_args)
+        self.log_level = log_level
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The directory holding one sub-directory per snapshot (upstream layout)."""
+        return self.root / "snapshots"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def argv(self) -> list[str]:
+        return [
+            snapshotter_executable(),
+            "--root", str(self.root),
+            "--address", str(self.address),
+            "--log-level", self.log_level,
+            "--log-to-stdout",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start and wait until the gRPC socket accepts a connection."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.address.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = ManagedProcess("containerd-nydus-grpc", self.argv(), self.log_path)
+        self._proc.start()
+
+        def ready() -> bool:
+            assert self._proc is not None
+            self._proc.check_running()
+            if not self.address.exists():
+                return False
+            with grpc.insecure_channel(f"unix://{self.address}") as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    return True
+                except grpc.FutureTimeoutError:
+                    return False
+
+        wait_until(ready, timeout, f"containerd-nydus-grpc on {self.address} (log {self.log_path})",
+                   interval=0.1)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+
+    def kill9(self) -> None:
+        if self._proc is not None:
+            self._proc.kill9()
+
+    def restart(self) -> None:
+        """Stop if running (gracefully), then start again with the same root and socket."""
+        self.stop()
+        self.start()
+
+    def log_tail(self, limit: int = 20000) -> str:
+        return _tail(self.log_path, limit)
+
+
+class ServiceStack:
+    """containerd + the nydus snapshotter (+ optionally a registry) in one temp dir; a context manager.
+
+    Used by the demo and the benchmark; everything is stopped and unmounted on exit, even after
+    an error. Pass `keep=True` to leave the directory (logs) in place for inspection.
+    """
+
+    def __init__(self, with_registry: bool = False, with_snapshotter: bool = True, keep: bool = False,
+                 snapshotter_args: Sequence[str] = ()):
+        self.with_registry = with_registry
+        self.with_snapshotter = with_snapshotter
+        self.keep = keep
+        self.snapshotter_args = list(snapshotter_args)
+        self.workdir = Path(tempfile.mkdtemp(prefix="nydus-stack-"))
+        self.registry: Registry | None = None
+        self.snapshotter: NydusSnapshotter | None = None
+        self.containerd: Containerd | None = None
+
+    def __enter__(self) -> ServiceStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        sock = self.workdir / "nydus" / "nydus.sock"
+        if self.with_registry:
+            self.registry = Registry(self.workdir / "registry")
+            self.registry.start()
+        self.containerd = Containerd(self.workdir / "containerd", {"nydus": sock})
+        self.containerd.start()
+        if self.with_snapshotter:
+            self.snapshotter = NydusSnapshotter(self.workdir / "nydus", sock,
+                                                extra_args=self.snapshotter_args)
+            self.snapshotter.start()
+
+    def stop(self) -> None:
+        """Stop in reverse order of dependency; each step runs even if an earlier one failed."""
+        steps: list[Callable[[], None]] = []
+        if self.containerd is not None:
+            steps.append(self.containerd.stop)
+        if self.snapshotter is not None:
+            steps.append(self.snapshotter.stop)
+        if self.registry is not None:
+            steps.append(self.registry.stop)
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # teardown must go on
+                print(f"teardown step {step!r} failed: {e}", file=sys.stderr)
+        unmount_below(self.workdir)
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# pytest fixtures (session scope: one registry, one containerd, one snapshotter per session)
+# --------------------------------------------------------------------------------------------
+
+def _need_root() -> None:
+    """Skip only for lack of root; missing tools are a failure (CI must install them)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: containerd, runc and overlay mounts only work as root")
+
+
+@pytest.fixture(scope="session")
+def nydus_services_dir() -> Iterator[Path]:
+    """A short temp dir for the session's services (unix socket paths must stay under 108 bytes)."""
+    _need_root()
+    d = Path(tempfile.mkdtemp(prefix="nydus-it-"))
+    yield d
+    unmount_below(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def registry(nydus_services_dir: Path) -> Iterator[Registry]:
+    """A running docker-registry on a free 127.0.0.1 port.
+
+    Attributes: ``.host``, ``.url``, ``.log_path``, ``.data_dir``.
+    """
+    reg = Registry(nydus_services_dir / "registry")
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(registry: Registry, nydus_services_dir: Path) -> str:
+    """Reference of a 3-layer busybox image pushed to `registry` (see `build_busybox_image`)."""
+    return build_busybox_image(nydus_services_dir / "image", registry.host)
+
+
+def _nydus_socket(services_dir: Path) -> Path:
+    return services_dir / "nydus" / "nydus.sock"
+
+
+@pytest.fixture(scope="session")
+def containerd(nydus_services_dir: Path) -> Iterator[Containerd]:
+    """containerd 1.6 with ``[proxy_plugins.nydus]`` pointing at the session's snapshotter socket."""
+    ctrd = Containerd(nydus_services_dir / "containerd", {"nydus": _nydus_socket(nydus_services_dir)})
+    ctrd.start()
+    yield ctrd
+    ctrd.stop()
+
+
+@pytest.fixture(scope="session")
+def nydus_snapshotter(nydus_services_dir: Path) -> Iterator[NydusSnapshotter]:
+    """``containerd-nydus-grpc`` serving the socket the `containerd` fixture is configured with."""
+    snap = NydusSnapshotter(nydus_services_dir / "nydus", _nydus_socket(nydus_services_dir))
+    snap.start()
+    yield snap
+    snap.stop()
+
+
+_LOGGED_FIXTURES = {
+    "nydus_snapshotter": "nydus snapshotter log",
+    "containerd": "containerd log",
+    "registry": "docker-registry log",
+}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed test that used a service fixture, attach the tail of that service's log."""
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        for name, title in _LOGGED_FIXTURES.items():
+            log_path = getattr(funcargs.get(name), "log_path", None)
+            if isinstance(log_path, Path):
+                report.sections.append((title, _tail(log_path, 6000)))
+    return report
