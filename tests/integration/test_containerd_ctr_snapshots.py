@@ -1,0 +1,54 @@
+"""``ctr snapshots --snapshotter nydus`` subcommands work end to end through containerd.
+
+This is what an operator types when debugging; every subcommand goes containerd -> proxy -> us.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nydus_core.testing.services import Containerd, NydusSnapshotter
+
+pytestmark = pytest.mark.containerd
+
+
+def snapshot_dirs(snapshotter: NydusSnapshotter) -> set[str]:
+    d = snapshotter.snapshots_dir
+    return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+def test_ctr_snapshots_lifecycle(
+    containerd: Containerd, nydus_snapshotter: NydusSnapshotter, ns: str
+) -> None:
+    def snap(*args: str) -> str:
+        return containerd.ctr("snapshots", "--snapshotter", "nydus", *args, namespace=ns).stdout
+
+    dirs_before = snapshot_dirs(nydus_snapshotter)
+    snap("prepare", "base")
+    mounts = snap("mounts", "/mnt/target", "base")
+    assert mounts.startswith("mount -t bind ")
+    assert str(nydus_snapshotter.snapshots_dir) in mounts and mounts.rstrip().endswith("/mnt/target")
+
+    snap("commit", "base-committed", "base")
+    snap("prepare", "child", "base-committed")
+    mounts = snap("mounts", "/mnt/target", "child")
+    assert mounts.startswith("mount -t overlay overlay ")
+    assert "lowerdir=" in mounts and "upperdir=" in mounts and "workdir=" in mounts
+
+    rows = {line.split()[0]: line.split()[1:] for line in snap("ls").splitlines()[1:]}
+    assert rows == {"base-committed": ["Committed"], "child": ["base-committed", "Active"]}
+
+    info = snap("info", "child")
+    assert '"Name": "child"' in info and '"Parent": "base-committed"' in info and '"Kind": "Active"' in info
+
+    usage = snap("usage", "base-committed").splitlines()
+    assert usage[0].split() == ["KEY", "SIZE", "INODES"]
+    assert usage[1].split()[0] == "base-committed"
+
+    refused = containerd.ctr("snapshots", "--snapshotter", "nydus", "rm", "base-committed",
+                             namespace=ns, check=False)
+    assert refused.returncode != 0, "a snapshot with a child must not be removable"
+    snap("rm", "child")
+    snap("rm", "base-committed")
+    assert snap("ls").splitlines()[1:] == []
+    assert snapshot_dirs(nydus_snapshotter) == dirs_before
