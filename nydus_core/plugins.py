@@ -51,7 +51,13 @@ ENV_ALLOW = "NYDUS_CORE_PLUGINS_ALLOW"
 ENV_TRACE = "NYDUS_CORE_TRACE_HOOKS"
 
 # Built-in behaviour, registered through the same hooks a third-party plugin uses.
-BUILTIN_PLUGINS: tuple[str, ...] = ("nydus_core.builtin.overlay_mounts",)
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "nydus_core.builtin.overlay_mounts",
+    "nydus_core.builtin.nydus_format",
+    "nydus_core.builtin.nydusd",
+    "nydus_core.builtin.credentials",
+    "nydus_core.builtin.docker_credentials",
+)
 
 BUILTIN = "builtin"
 ENTRY_POINT = "entry point"

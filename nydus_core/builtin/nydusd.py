@@ -1,0 +1,258 @@
+"""Default lifecycle hooks for ``fs_driver = "fusedev"``: run a nydusd-compatible program.
+
+The program is ``[daemon] nydusd_path`` (our ``nydusd-py``, or a real ``nydusd``): it is spawned
+with upstream's command line, in its own session so that it outlives the snapshotter (running
+containers read through it), and driven through upstream's HTTP API on its unix socket.
+
+Dedicated daemons get the image on the command line (``--config --bootstrap``); the shared
+daemon starts empty and receives images by ``POST /api/v1/mount``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+from nydus_core.config import SnapshotterConfig
+from nydus_core.daemon.client import STATE_RUNNING, NydusdApiError, NydusdClient, NydusdUnreachable
+from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.daemon.mounts import umount_tree
+from nydus_core.errors import FailedPrecondition
+from nydus_core.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+FS_DRIVER = "fusedev"
+STOP_GRACE = 5.0
+RECOVER_READY_TIMEOUT = 10.0
+
+# Children we spawned, so they can be reaped (no zombies) and their exit noticed while waiting.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _mine(daemon: DaemonRecord) -> bool:
+    return daemon.fs_driver == FS_DRIVER
+
+
+def command_line(daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig) -> list[str]:
+    """Upstream's nydusd argv (flags in upstream's order, zero values left out)."""
+    program = shutil.which(daemon.program) if daemon.program else None
+    if program is None:
+        raise FailedPrecondition(
+            f"nydusd program {daemon.program!r} not found (set [daemon] nydusd_path or --nydusd-path)"
+        )
+    argv = [program, "fuse"]
+    if daemon.thread_num > 0:
+        argv += ["--thread-num", str(daemon.thread_num)]
+    if daemon.mode is DaemonMode.DEDICATED:
+        if instance is None or instance.config_path is None:
+            raise ValueError(f"dedicated daemon {daemon.id} needs an instance with a config file")
+        argv += ["--config", str(instance.config_path), "--bootstrap", str(instance.bootstrap)]
+    argv += ["--mountpoint", str(daemon.mountpoint), "--apisock", str(daemon.api_socket)]
+    argv += ["--log-level", daemon.log_level or "info"]
+    if config.daemon.log_rotation_size > 0:
+        argv += ["--log-rotation-size", str(config.daemon.log_rotation_size)]
+    if not config.log.log_to_stdout:
+        argv += ["--log-file", str(daemon.log_dir / "nydusd.log")]
+    if daemon.failover_policy:
+        argv += ["--failover-policy", daemon.failover_policy]
+    return argv
+
+
+def spawn(daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig) -> int:
+    argv = command_line(daemon, instance, config)
+    daemon.api_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    daemon.api_socket.unlink(missing_ok=True)
+    daemon.mountpoint.mkdir(parents=True, exist_ok=True)
+    daemon.log_dir.mkdir(parents=True, exist_ok=True)
+    out = None if config.log.log_to_stdout else open(daemon.log_dir / "nydusd.out", "ab")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,  # not in our process group: a signal to the snapshotter spares it
+            close_fds=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
+    _children[proc.pid] = proc
+    log.info("started daemon %s: pid %d: %s", daemon.id, proc.pid, " ".join(argv))
+    return proc.pid
+
+
+def _exited(pid: int) -> bool:
+    """True once `pid` is gone (reaping it when it is our child)."""
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            _children.pop(pid, None)
+            return True
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    if state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return True
+    return False
+
+
+def _is_our_daemon(pid: int, daemon: DaemonRecord) -> bool:
+    """Guard against pid reuse: the process must have been started with this daemon's socket."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(str(daemon.api_socket)) in args
+
+
+def terminate(daemon: DaemonRecord, grace: float = STOP_GRACE) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; a process that is not ours is left alone."""
+    pid = daemon.pid
+    if pid <= 0 or _exited(pid) or not _is_our_daemon(pid, daemon):
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if _exited(pid):
+                return
+            time.sleep(0.02)
+        log.warning("daemon %s (pid %d) did not exit after %s", daemon.id, pid, sig.name)
+
+
+def clear_vestige(daemon: DaemonRecord) -> None:
+    """Remove what a dead daemon leaves: mounts at and under its mountpoint, its socket."""
+    umount_tree(daemon.mountpoint)
+    daemon.api_socket.unlink(missing_ok=True)
+
+
+def wait_ready(daemon: DaemonRecord, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    with NydusdClient(daemon.api_socket, timeout=max(1.0, min(timeout, 5.0))) as client:
+        while True:
+            try:
+                if client.state() == STATE_RUNNING:
+                    return True
+            except NydusdUnreachable:
+                pass
+            if daemon.pid > 0 and daemon.pid in _children and _exited(daemon.pid):
+                log.error("daemon %s (pid %d) exited while starting; see %s", daemon.id, daemon.pid,
+                          daemon.log_dir)
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def attach(daemon: DaemonRecord, instance: Instance) -> None:
+    if daemon.mode is not DaemonMode.SHARED:
+        return  # a dedicated daemon mounts its image when it starts
+    if instance.config_path is None:
+        raise ValueError(f"instance of snapshot {instance.snapshot_id} has no daemon config file")
+    with NydusdClient(daemon.api_socket) as client:
+        client.mount(instance.snapshot_id, instance.bootstrap, instance.config_path.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Hook implementations
+# --------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def nydus_daemon_start(
+    daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig
+) -> int | None:
+    if not _mine(daemon):
+        return None
+    return spawn(daemon, instance, config)
+
+
+@hookimpl
+def nydus_daemon_wait_ready(daemon: DaemonRecord, timeout: float) -> bool | None:
+    if not _mine(daemon):
+        return None
+    return wait_ready(daemon, timeout)
+
+
+@hookimpl
+def nydus_instance_attach(daemon: DaemonRecord, instance: Instance) -> bool | None:
+    if not _mine(daemon):
+        return None
+    attach(daemon, instance)
+    return True
+
+
+@hookimpl
+def nydus_instance_detach(daemon: DaemonRecord, instance: Instance) -> bool | None:
+    if not _mine(daemon):
+        return None
+    if daemon.mode is DaemonMode.SHARED:
+        try:
+            with NydusdClient(daemon.api_socket) as client:
+                client.umount(instance.snapshot_id)
+        except NydusdApiError as e:
+            if e.status != 404:
+                raise
+            log.info("snapshot %s was not mounted in daemon %s", instance.snapshot_id, daemon.id)
+        umount_tree(instance.mountpoint)
+    return True
+
+
+@hookimpl
+def nydus_daemon_alive(daemon: DaemonRecord) -> bool | None:
+    if not _mine(daemon):
+        return None
+    try:
+        with NydusdClient(daemon.api_socket, timeout=3.0) as client:
+            return client.state() == STATE_RUNNING
+    except (NydusdUnreachable, NydusdApiError, OSError):
+        return False
+
+
+@hookimpl
+def nydus_daemon_stop(daemon: DaemonRecord) -> bool | None:
+    if not _mine(daemon):
+        return None
+    terminate(daemon)
+    clear_vestige(daemon)
+    return True
+
+
+@hookimpl
+def nydus_daemon_recover(
+    daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig
+) -> bool | None:
+    if not _mine(daemon):
+        return None
+    ordered = sorted(instances, key=lambda i: i.seq)
+    if daemon.mode is DaemonMode.DEDICATED and not ordered:
+        log.warning("dedicated daemon %s has no recorded image; not respawning it", daemon.id)
+        return False
+    terminate(daemon)  # a hung process that no longer answers
+    clear_vestige(daemon)
+    daemon.pid = spawn(daemon, ordered[0] if daemon.mode is DaemonMode.DEDICATED else None, config)
+    if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
+        return False
+    for inst in ordered if daemon.mode is DaemonMode.SHARED else ():
+        attach(daemon, inst)
+    log.info("daemon %s respawned as pid %d with %d image(s)", daemon.id, daemon.pid, len(ordered))
+    return True

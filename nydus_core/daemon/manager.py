@@ -1,0 +1,426 @@
+"""The daemon manager: which daemon serves which image, and keeping that true across restarts.
+
+It implements the snapshotter's image service (``ensure_instance`` / ``get_instance`` /
+``release_unused``) without knowing how a daemon is run: every process operation goes through
+the lifecycle hooks (`nydus_daemon_start`, `nydus_daemon_wait_ready`, `nydus_instance_attach`,
+`nydus_instance_detach`, `nydus_daemon_alive`, `nydus_daemon_stop`, `nydus_daemon_recover`), so a
+backend plugin (FUSE, EROFS, virtiofs, ...) only answers for its own ``fs_driver``.
+
+Modes (``daemon_mode``):
+
+* ``dedicated`` (alias ``multiple``): one daemon per meta snapshot, mounted at
+  ``<root>/snapshots/<metaID>/mnt``;
+* ``shared``: one daemon mounted at ``<root>/mnt``, each image attached at ``<root>/mnt/<metaID>``;
+  it is started when first needed and kept running when its last image goes;
+* ``none``: no daemon; the instance points at the meta snapshot's own directory.
+
+Daemons are never stopped when the snapshotter exits (running containers read through them);
+`recover` re-adopts them at the next start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from nydus_core.config import SnapshotterConfig
+from nydus_core.daemon.ids import new_daemon_id
+from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.daemon.nydusd_config import build_config, load_template, write_private_json
+from nydus_core.daemon.store import DaemonStore
+from nydus_core.errors import FailedPrecondition, Unavailable
+from nydus_core.snapshot.model import ImageSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READY_TIMEOUT = 10.0
+
+_LOG_LEVELS = {"warning": "warn", "fatal": "error", "panic": "error"}
+
+
+class NoBackendError(FailedPrecondition):
+    """No installed plugin answers a lifecycle hook for the configured ``fs_driver``."""
+
+
+def daemon_mode(config: SnapshotterConfig) -> DaemonMode:
+    mode = config.daemon_mode
+    if mode in ("dedicated", "multiple", ""):
+        return DaemonMode.DEDICATED
+    if mode == "shared":
+        return DaemonMode.SHARED
+    if mode == "none":
+        return DaemonMode.NONE
+    raise FailedPrecondition(f"daemon_mode {mode!r} is not one of dedicated, multiple, shared, none")
+
+
+class DaemonManager:
+    """Owns ``<root>/nydus.db`` and the in-memory map meta snapshot id → `Instance`.
+
+    Call `recover` once at start-up, before serving: it loads the records and re-adopts or
+    respawns the daemons they name.
+    """
+
+    def __init__(
+        self,
+        config: SnapshotterConfig,
+        pm: pluggy.PluginManager,
+        *,
+        ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.pm = pm
+        self.root = Path(config.root)
+        self.mode = daemon_mode(config)
+        self.fs_driver = config.daemon.fs_driver
+        self.ready_timeout = ready_timeout
+        self.template = load_template(Path(config.daemon.nydusd_config))
+        self.store = DaemonStore(self.root / "nydus.db")
+        self._lock = threading.Lock()  # guards the dicts below
+        self._meta_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._shared_lock = threading.Lock()
+        self._daemons: dict[str, DaemonRecord] = {}
+        self._instances: dict[str, Instance] = {}
+        self._shared: DaemonRecord | None = None
+
+    def close(self) -> None:
+        """Close the database. Daemons keep running on purpose."""
+        self.store.close()
+
+    # ------------------------------------------------------------------------------------
+    # The image service the snapshotter calls
+    # ------------------------------------------------------------------------------------
+
+    def get_instance(self, meta_id: str) -> Instance | None:
+        with self._lock:
+            return self._instances.get(meta_id)
+
+    def instances(self) -> list[Instance]:
+        with self._lock:
+            return sorted(self._instances.values(), key=lambda i: i.seq)
+
+    def daemons(self) -> list[DaemonRecord]:
+        with self._lock:
+            return list(self._daemons.values())
+
+    def daemon(self, daemon_id: str) -> DaemonRecord | None:
+        with self._lock:
+            return self._daemons.get(daemon_id)
+
+    def ensure_instance(self, image: ImageSource, labels: Mapping[str, str]) -> Instance:
+        """Make `image` served (start or reuse a daemon) and return its instance, once ready.
+
+        Concurrent calls for one meta snapshot are serialised: the first starts the daemon, the
+        others get the same instance.
+        """
+        meta = image.meta_id
+        with self._meta_lock(meta):
+            existing = self.get_instance(meta)
+            if existing is not None:
+                return existing
+            all_labels = {**image.labels, **labels}
+            snapshot_dir = self.root / "snapshots" / meta
+            if self.mode is DaemonMode.NONE:
+                inst = Instance(
+                    snapshot_id=meta,
+                    daemon_id="",
+                    image_ref=image.image_ref,
+                    bootstrap=image.bootstrap,
+                    mountpoint=snapshot_dir / "fs",
+                    snapshot_dir=snapshot_dir,
+                    fs_driver=self.fs_driver,
+                )
+            elif self.mode is DaemonMode.DEDICATED:
+                inst = self._start_dedicated(image, all_labels, snapshot_dir)
+            else:
+                inst = self._attach_shared(image, all_labels, snapshot_dir)
+            self.store.add_instance(inst)
+            with self._lock:
+                self._instances[meta] = inst
+            return inst
+
+    def release_unused(self, live_snapshot_ids: set[str]) -> None:
+        """Detach every instance whose meta snapshot is gone; stop its daemon when dedicated.
+
+        Failures are logged and the records kept, so that the next ``Cleanup`` retries.
+        """
+        for inst in self.instances():
+            if inst.snapshot_id in live_snapshot_ids:
+                continue
+            with self._meta_lock(inst.snapshot_id):
+                if self.get_instance(inst.snapshot_id) is None:
+                    continue
+                try:
+                    self._release(inst)
+                except Exception:
+                    log.exception("releasing image instance of snapshot %s failed", inst.snapshot_id)
+
+    # ------------------------------------------------------------------------------------
+    # Start-up recovery and liveness
+    # ------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Load the records; re-adopt live daemons; handle dead ones per ``recover_policy``."""
+        if self.mode is DaemonMode.NONE:
+            for inst in self.store.list_instances(""):
+                with self._lock:
+                    self._instances[inst.snapshot_id] = inst
+            return
+        instances = self.store.list_instances()
+        for daemon in self.store.list_daemons():
+            served = [i for i in instances if i.daemon_id == daemon.id]
+            try:
+                alive = self._hook_alive(daemon)
+            except NoBackendError as e:
+                log.error("cannot recover daemon %s: %s", daemon.id, e)
+                continue
+            if alive:
+                log.info("daemon %s (pid %d) is alive, re-adopted with %d image(s)", daemon.id, daemon.pid,
+                         len(served))
+                self._adopt(daemon, served)
+            else:
+                self._handle_dead(daemon, served, reason="found dead at start-up")
+
+    def check_liveness(self) -> list[str]:
+        """One sweep of the liveness check; dead daemons are handled per policy. Returns their ids."""
+        dead = []
+        for daemon in self.daemons():
+            with self._lock:
+                served = [i for i in self._instances.values() if i.daemon_id == daemon.id]
+            if not self._hook_alive(daemon):
+                dead.append(daemon.id)
+                with self._lock:
+                    self._daemons.pop(daemon.id, None)
+                    for i in served:
+                        self._instances.pop(i.snapshot_id, None)
+                    if self._shared is not None and self._shared.id == daemon.id:
+                        self._shared = None
+                self._handle_dead(daemon, sorted(served, key=lambda i: i.seq), reason="liveness check failed")
+        return dead
+
+    def _adopt(self, daemon: DaemonRecord, served: Sequence[Instance]) -> None:
+        with self._lock:
+            self._daemons[daemon.id] = daemon
+            for inst in served:
+                self._instances[inst.snapshot_id] = inst
+            if daemon.mode is DaemonMode.SHARED:
+                self._shared = daemon
+
+    def _handle_dead(self, daemon: DaemonRecord, served: Sequence[Instance], *, reason: str) -> None:
+        self._event(daemon, "died", {"pid": daemon.pid, "reason": reason})
+        policy = self.config.daemon.recover_policy
+        if policy == "failover":
+            log.warning("recover_policy failover is not supported yet; restarting daemon %s", daemon.id)
+            policy = "restart"
+        if policy == "restart":
+            try:
+                ok = self._hook("nydus_daemon_recover", daemon=daemon, instances=list(served),
+                                config=self.config)
+            except Exception as e:
+                log.exception("recovering daemon %s failed", daemon.id)
+                ok, err = False, str(e)
+            else:
+                err = "" if ok else "the backend gave it up"
+            if ok:
+                self.store.save_daemon(daemon)
+                self._adopt(daemon, served)
+                self._event(daemon, "recovered", {"pid": daemon.pid, "instances": len(served)})
+                return
+            log.error("daemon %s could not be recovered (%s); forgetting it", daemon.id, err)
+        else:
+            log.warning("daemon %s is dead and recover_policy is %r: forgetting it and its %d image(s)",
+                        daemon.id, policy, len(served))
+        self._forget(daemon)
+
+    def _forget(self, daemon: DaemonRecord) -> None:
+        """Clear what a dead daemon left (stop hook: no process, stale mounts) and drop its records."""
+        try:
+            self._hook("nydus_daemon_stop", daemon=daemon)
+        except Exception:
+            log.exception("clearing the remains of daemon %s failed", daemon.id)
+        self.store.delete_daemon(daemon.id)
+        self._remove_daemon_dirs(daemon)
+        self._event(daemon, "stopped", {"pid": daemon.pid, "forgotten": True})
+
+    # ------------------------------------------------------------------------------------
+    # Internals
+    # ------------------------------------------------------------------------------------
+
+    def _meta_lock(self, meta_id: str) -> threading.Lock:
+        with self._lock:
+            return self._meta_locks[meta_id]
+
+    def _new_record(self, mode: DaemonMode, mountpoint: Path) -> DaemonRecord:
+        did = new_daemon_id()
+        level = self.config.log.level.lower()
+        return DaemonRecord(
+            id=did,
+            fs_driver=self.fs_driver,
+            mode=mode,
+            api_socket=self.root / "socket" / did / "api.sock",
+            mountpoint=mountpoint,
+            config_dir=self.root / "config" / did,
+            log_dir=Path(self.config.log_dir) / did,
+            program=self.config.daemon.nydusd_path,
+            thread_num=self.config.daemon.threads_number,
+            log_level=_LOG_LEVELS.get(level, level),
+            failover_policy=self.config.daemon.failover_policy,
+        )
+
+    def _write_config(self, path: Path, image: ImageSource, labels: Mapping[str, str]) -> None:
+        doc = build_config(
+            self.template,
+            image_ref=image.image_ref,
+            rafs_key=image.meta_id,
+            cache_dir=Path(self.config.cache_dir),
+            labels=labels,
+            pm=self.pm,
+        )
+        write_private_json(path, doc)
+
+    def _start_dedicated(self, image: ImageSource, labels: Mapping[str, str], snapshot_dir: Path) -> Instance:
+        daemon = self._new_record(DaemonMode.DEDICATED, snapshot_dir / "mnt")
+        inst = Instance(
+            snapshot_id=image.meta_id,
+            daemon_id=daemon.id,
+            image_ref=image.image_ref,
+            bootstrap=image.bootstrap,
+            mountpoint=daemon.mountpoint,
+            snapshot_dir=snapshot_dir,
+            fs_driver=self.fs_driver,
+            config_path=daemon.config_dir / "config.json",
+        )
+        assert inst.config_path is not None
+        self._write_config(inst.config_path, image, labels)
+        self.store.save_daemon(daemon)
+        try:
+            self._start(daemon, inst)
+            self._wait_ready(daemon)
+        except BaseException:
+            self._discard(daemon)
+            raise
+        with self._lock:
+            self._daemons[daemon.id] = daemon
+        return inst
+
+    def _ensure_shared(self) -> DaemonRecord:
+        with self._shared_lock:
+            if self._shared is not None:
+                return self._shared
+            daemon = self._new_record(DaemonMode.SHARED, self.root / "mnt")
+            self.store.save_daemon(daemon)
+            try:
+                self._start(daemon, None)
+                self._wait_ready(daemon)
+            except BaseException:
+                self._discard(daemon)
+                raise
+            with self._lock:
+                self._daemons[daemon.id] = daemon
+                self._shared = daemon
+            return daemon
+
+    def _attach_shared(self, image: ImageSource, labels: Mapping[str, str], snapshot_dir: Path) -> Instance:
+        daemon = self._ensure_shared()
+        inst = Instance(
+            snapshot_id=image.meta_id,
+            daemon_id=daemon.id,
+            image_ref=image.image_ref,
+            bootstrap=image.bootstrap,
+            mountpoint=daemon.mountpoint / image.meta_id,
+            snapshot_dir=snapshot_dir,
+            fs_driver=self.fs_driver,
+            config_path=daemon.config_dir / image.meta_id / "config.json",
+        )
+        assert inst.config_path is not None
+        self._write_config(inst.config_path, image, labels)
+        try:
+            self._hook("nydus_instance_attach", daemon=daemon, instance=inst)
+            self._wait_ready(daemon)
+        except BaseException:
+            shutil.rmtree(inst.config_path.parent, ignore_errors=True)
+            raise
+        return inst
+
+    def _release(self, inst: Instance) -> None:
+        with self._lock:
+            daemon = self._daemons.get(inst.daemon_id)
+        if daemon is None:  # daemon_mode none, or the daemon was forgotten already
+            self._drop_instance(inst)
+            return
+        if daemon.mode is DaemonMode.SHARED:
+            self._hook("nydus_instance_detach", daemon=daemon, instance=inst)
+            self._drop_instance(inst)
+            if inst.config_path is not None:
+                shutil.rmtree(inst.config_path.parent, ignore_errors=True)
+            return
+        self._hook("nydus_instance_detach", daemon=daemon, instance=inst)
+        self._hook("nydus_daemon_stop", daemon=daemon)
+        self._event(daemon, "stopped", {"pid": daemon.pid})
+        self._drop_instance(inst)
+        with self._lock:
+            self._daemons.pop(daemon.id, None)
+        self.store.delete_daemon(daemon.id)
+        self._remove_daemon_dirs(daemon)
+
+    def _drop_instance(self, inst: Instance) -> None:
+        self.store.delete_instance(inst.snapshot_id)
+        with self._lock:
+            self._instances.pop(inst.snapshot_id, None)
+
+    def _discard(self, daemon: DaemonRecord) -> None:
+        """Undo a daemon whose start failed: stop whatever runs, drop its records and files."""
+        try:
+            self._hook("nydus_daemon_stop", daemon=daemon)
+        except Exception:
+            log.exception("stopping the failed daemon %s", daemon.id)
+        self.store.delete_daemon(daemon.id)
+        self._remove_daemon_dirs(daemon, keep_logs=True)
+
+    def _remove_daemon_dirs(self, daemon: DaemonRecord, *, keep_logs: bool = False) -> None:
+        shutil.rmtree(daemon.config_dir, ignore_errors=True)
+        shutil.rmtree(daemon.api_socket.parent, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(daemon.log_dir, ignore_errors=True)
+
+    def _start(self, daemon: DaemonRecord, inst: Instance | None) -> None:
+        pid = self._hook("nydus_daemon_start", daemon=daemon, instance=inst, config=self.config)
+        daemon.pid = int(pid)
+        self.store.save_daemon(daemon)
+        self._event(daemon, "started", {"pid": daemon.pid})
+
+    def _wait_ready(self, daemon: DaemonRecord) -> None:
+        ok = self._hook("nydus_daemon_wait_ready", daemon=daemon, timeout=self.ready_timeout)
+        if not ok:
+            raise Unavailable(
+                f"daemon {daemon.id} (pid {daemon.pid}, {daemon.program}) did not become ready within "
+                f"{self.ready_timeout:g}s; see its log in {daemon.log_dir}"
+            )
+        self._event(daemon, "ready", {"pid": daemon.pid})
+
+    def _hook_alive(self, daemon: DaemonRecord) -> bool:
+        return bool(self._hook("nydus_daemon_alive", daemon=daemon))
+
+    def _hook(self, name: str, **kwargs: Any) -> Any:
+        """Call a firstresult lifecycle hook; no answer at all means no plugin owns the driver."""
+        result = getattr(self.pm.hook, name)(**kwargs)
+        if result is None:
+            daemon: DaemonRecord = kwargs["daemon"]
+            names = sorted(n for n, _ in self.pm.list_name_plugin())
+            raise NoBackendError(
+                f"no backend plugin handles fs_driver {daemon.fs_driver!r} ({name} of daemon {daemon.id}; "
+                f"installed plugins: {', '.join(names) or 'none'})"
+            )
+        return result
+
+    def _event(self, daemon: DaemonRecord, event: str, detail: Mapping[str, Any]) -> None:
+        try:
+            self.pm.hook.nydus_daemon_event(daemon=daemon, event=event, detail=dict(detail))
+        except Exception:
+            log.exception("a nydus_daemon_event listener failed on %s of daemon %s", event, daemon.id)
