@@ -1,0 +1,117 @@
+"""Reading images made by upstream nydus-image 2.2 (shared/fixtures/nydus)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from rafs_helpers import erofs_mount, have_root
+
+from nydus_core.rafs import DigestMismatch, RafsError
+from nydus_core.rafs.blob import digest, read_toc, read_toc_section
+from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
+
+FIX = Path("/work/shared/fixtures/nydus")
+BOOT = FIX / "bootstrap" / "rafs-v6-2.2.boot"
+BLOB_ID = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+TOC_BLOB = FIX / "toc" / "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
+
+pytestmark = pytest.mark.skipif(not BOOT.exists(), reason="nydus fixtures not present")
+
+
+def test_bootstrap_tables() -> None:
+    bs = Bootstrap.open(BOOT)
+    assert bs.compressor == "zstd" and bs.digester == "blake3"
+    assert [b.blob_id for b in bs.blobs] == [BLOB_ID]
+    assert bs.blobs[0].chunk_count == 2 and bs.ext.chunk_size == 1 << 20
+    assert bs.erofs.sb.root_nid == 128
+    names = {p for p, _ in bs.walk()}
+    assert names == {b"", b"lib.rs", b"sync_io.rs"}
+
+
+def test_files_read_with_every_chunk_verified() -> None:
+    bs = Bootstrap.open(BOOT)
+    with BlobSet.from_dir(bs, str(FIX / "blobs")) as blobs:
+        lib = blobs.read_file(bs.erofs.lookup("lib.rs"))
+        sync = blobs.read_file(bs.erofs.lookup("sync_io.rs"))
+    assert len(lib) == 16931 and len(sync) == 13400
+    assert lib.startswith(b"// Copyright (C) 2020 Alibaba Cloud.")
+    assert b"fn " in sync
+    # the digests the bootstrap holds are blake3 of exactly these bytes
+    assert {c.digest for c in bs.chunks} == {digest(0, lib), digest(0, sync)}
+
+
+def test_blob_toc_sections_and_digest_array() -> None:
+    bs = Bootstrap.open(BOOT)
+    with open(FIX / "blobs" / BLOB_ID, "rb") as f:
+        toc = read_toc(f, BLOB_ID, expected_digest=bs.blobs[0].blob_toc_digest)
+        assert set(toc.entries) == {b"image.blob", b"blob.meta", b"blob.meta.header", b"blob.digest"}
+        assert toc.size == bs.blobs[0].blob_toc_size
+        digests = read_toc_section(f, toc, b"blob.digest", BLOB_ID)
+    chunk_digests = sorted(bs.chunks, key=lambda c: c.index)
+    assert digests == b"".join(c.digest for c in chunk_digests)
+
+
+def test_blob_with_inlined_bootstrap_read_through_toc() -> None:
+    with open(TOC_BLOB, "rb") as f:
+        boot = bootstrap_from_blob(f, TOC_BLOB.name)
+    bs = Bootstrap(boot)
+    assert len(boot) == 20480
+    with BlobSet(bs, {bs.blobs[0].blob_id: str(TOC_BLOB)}) as blobs:
+        files = {p.decode(): blobs.read_file(i) for p, i in bs.walk() if i.is_reg}
+    assert {k: len(v) for k, v in files.items()} == {"error.rs": 2816, "lib.rs": 678, "logger.rs": 3115}
+    assert all(v.startswith(b"// Copyright 2020 Ant Group.") for v in files.values())
+
+
+def test_flipped_blob_byte_is_a_clear_error(tmp_path: Path) -> None:
+    bs = Bootstrap.open(BOOT)
+    data = bytearray((FIX / "blobs" / BLOB_ID).read_bytes())
+    data[100] ^= 0x40  # inside lib.rs's compressed chunk
+    (tmp_path / BLOB_ID).write_bytes(bytes(data))
+    with (
+        BlobSet.from_dir(bs, str(tmp_path)) as blobs,
+        pytest.raises(RafsError, match=f"blob {BLOB_ID} chunk 0"),
+    ):
+        blobs.read_file(bs.erofs.lookup("lib.rs"))
+
+
+def test_wrong_digest_in_metadata_is_named(tmp_path: Path) -> None:
+    raw = bytearray(BOOT.read_bytes())
+    bs = Bootstrap(bytes(raw))
+    # corrupt the digest stored for chunk index 1 (sync_io.rs) in the chunk table
+    pos = bs.ext.chunk_table_offset + next(i for i, c in enumerate(bs.chunks) if c.index == 1) * 80
+    raw[pos] ^= 0xFF
+    bad = Bootstrap(bytes(raw))
+    with BlobSet.from_dir(bad, str(FIX / "blobs")) as blobs, pytest.raises(DigestMismatch, match="chunk 1"):
+        blobs.read_file(bad.erofs.lookup("sync_io.rs"))
+
+
+def test_truncated_bootstrap_is_rejected() -> None:
+    raw = BOOT.read_bytes()
+    with pytest.raises(RafsError, match="multiple of 4096"):
+        Bootstrap(raw[:10000])
+    with pytest.raises(RafsError, match="chunk table"):
+        Bootstrap(raw[:16384])
+    with pytest.raises(RafsError):
+        Bootstrap(raw[:512])
+
+
+def test_toc_missing_or_corrupt() -> None:
+    with pytest.raises(RafsError, match="ToC"):
+        read_toc(io.BytesIO(b"\0" * 4096))
+    bs = Bootstrap.open(BOOT)
+    data = bytearray((FIX / "blobs" / BLOB_ID).read_bytes())
+    data[-600] ^= 1  # inside the ToC entries, which the bootstrap pins by sha256
+    with pytest.raises(RafsError, match="ToC digest"):
+        read_toc(io.BytesIO(bytes(data)), BLOB_ID, expected_digest=bs.blobs[0].blob_toc_digest)
+
+
+@pytest.mark.skipif(not have_root() or shutil.which("mount") is None, reason="needs root")
+def test_kernel_mounts_upstream_bootstrap(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with erofs_mount(BOOT, mnt):
+        assert sorted(p.name for p in mnt.iterdir()) == ["lib.rs", "sync_io.rs"]
+        assert (mnt / "lib.rs").stat().st_size == 16931
