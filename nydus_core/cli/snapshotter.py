@@ -1,0 +1,321 @@
+"""``containerd-nydus-grpc``: the snapshotter process containerd's proxy plugin talks to.
+
+Flag names are upstream's, so existing systemd units keep working; flags override the
+``--config`` file. Start-up, in order:
+
+1. load and validate the configuration (a bad file is one line on stderr and exit status 1);
+2. set up logging (``<root>/logs/nydus-snapshotter.log``, ``0640``, or stdout);
+3. build the plugin manager (built-ins, then ``nydus_core.plugins`` entry points);
+4. open the daemon manager and recover the daemons recorded by a previous run;
+5. open the metastore (`Snapshotter`) and listen on the socket (``0660``);
+6. fire `nydus_snapshotter_started`.
+
+SIGTERM or SIGINT stops serving within a second, fires `nydus_snapshotter_stopping`, closes the
+metastore and the daemon records, and exits with status 0. Daemons are **not** stopped: running
+containers read their root filesystems through them, and the next start re-adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+import nydus_core
+from nydus_core.cli.logsetup import BufferedRecords, setup_logging
+from nydus_core.config import (
+    DAEMON_MODES,
+    FS_DRIVERS,
+    LOG_LEVELS,
+    RECOVER_POLICIES,
+    SnapshotterConfig,
+    load_config,
+    with_overrides,
+)
+from nydus_core.errors import ConfigError
+from nydus_core.plugins import NydusPluginManager, build_plugin_manager, list_plugins
+
+log = logging.getLogger("nydus_core.cli.snapshotter")
+
+PROG = "containerd-nydus-grpc"
+STOP_GRACE = 0.3  # seconds in-flight RPCs get on shutdown; the whole stop stays under one second
+LIVENESS_INTERVAL = 5.0  # seconds between daemon liveness sweeps
+
+# flag dest -> dotted configuration key
+FLAG_KEYS = {
+    "root": "root",
+    "address": "address",
+    "nydusd_path": "daemon.nydusd_path",
+    "nydus_image": "daemon.nydusimage_path",
+    "nydusd_config": "daemon.nydusd_config",
+    "nydus_overlayfs_path": "snapshot.nydus_overlayfs_path",
+    "daemon_mode": "daemon_mode",
+    "fs_driver": "daemon.fs_driver",
+    "recover_policy": "daemon.recover_policy",
+    "log_level": "log.level",
+    "log_dir": "log.dir",
+}
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; the message is printed as one line and the exit status is 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="containerd remote snapshotter serving nydus, eStargz and OCI images (nydus-core).",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file (upstream's config.toml)")
+    p.add_argument("--root", type=Path, help="data directory (at most 70 bytes)")
+    p.add_argument("--address", type=Path, help="unix socket to serve the snapshots API on")
+    p.add_argument("--nydusd-path", "--nydusd", dest="nydusd_path", help="daemon program to run")
+    p.add_argument("--nydus-image", dest="nydus_image", help="path of the nydus-image tool")
+    p.add_argument(
+        "--nydusd-config", "--config-path", dest="nydusd_config", type=Path, help="nydusd JSON template"
+    )
+    p.add_argument("--nydus-overlayfs-path", help="nydus-overlayfs mount helper path or name")
+    p.add_argument("--daemon-mode", choices=DAEMON_MODES)
+    p.add_argument("--fs-driver", choices=FS_DRIVERS)
+    p.add_argument("--recover-policy", choices=RECOVER_POLICIES)
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument(
+        "--log-to-stdout",
+        action="store_true",
+        default=None,
+        help="log to stdout instead of <log dir>/nydus-snapshotter.log (applied only if given)",
+    )
+    p.add_argument("--log-dir", type=Path, help="log directory (default <root>/logs)")
+    p.add_argument("--version", action="store_true", help="print version, Python and plugins, then exit")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted configuration keys the given flags set."""
+    overrides = {
+        key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None
+    }
+    if args.log_to_stdout:
+        overrides["log.log_to_stdout"] = True
+    return overrides
+
+
+def version_text(pm: pluggy.PluginManager) -> str:
+    """What ``--version`` prints: our version, the Python running us, and the plugins it loads."""
+    lines = [
+        f"{PROG} (nydus-core) {nydus_core.__version__}",
+        f"Python {platform.python_version()} ({platform.python_implementation()}, {sys.executable})",
+        "Plugins:",
+    ]
+    lines += [f"  {info.describe()}" for info in list_plugins(pm)] or ["  (none)"]
+    failed = pm.failed if isinstance(pm, NydusPluginManager) else []
+    if failed:
+        lines.append("Plugins that failed to load:")
+        lines += [f"  {f.error}" for f in failed]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``containerd-nydus-grpc``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.version:
+        with BufferedRecords():  # plugin load errors are listed in the output instead
+            pm = build_plugin_manager()
+        print(version_text(pm))
+        return 0
+
+    buffered = BufferedRecords()
+    try:
+        with buffered:
+            config = load_config(args.config)
+            overrides = overrides_from(args)
+            if overrides:
+                config = with_overrides(config, overrides, source="command line")
+        # The root first, private like containerd's own snapshotter roots; logs live below it.
+        config.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        setup_logging(config.log, config.log_dir)
+    except ConfigError as exc:
+        _replay_to_stderr(buffered)
+        return _fail(f"invalid configuration: {exc}")
+    except OSError as exc:
+        return _fail(f"cannot create the root or open the log: {exc}")
+    buffered.replay()
+
+    try:
+        return run(config, args.config)
+    except StartupError as exc:
+        log.error("start-up failed: %s", exc)
+        return _fail(str(exc))
+    except ConfigError as exc:
+        log.error("start-up failed: %s", exc)
+        return _fail(f"invalid configuration: {exc}")
+    except Exception as exc:
+        log.exception("start-up failed")
+        return _fail(f"start-up failed: {type(exc).__name__}: {exc}")
+
+
+def run(config: SnapshotterConfig, config_path: Path | None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit status."""
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: types.FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve_until(stop, received, config, config_path)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve_until(
+    stop: threading.Event, received: list[str], config: SnapshotterConfig, config_path: Path | None
+) -> int:
+    from nydus_core.cli.rpclog import LoggingSnapshotter
+    from nydus_core.snapshot.server import serve
+
+    log.info(
+        "%s %s starting (pid %d, Python %s)",
+        PROG,
+        nydus_core.__version__,
+        os.getpid(),
+        platform.python_version(),
+    )
+    if config_path is not None:
+        log.info("configuration file: %s", config_path.absolute())
+    else:
+        log.info("no --config given: built-in defaults and flags only")
+    log.info(
+        "root %s, address %s, daemon_mode %s, fs_driver %s, recover_policy %s",
+        config.root,
+        config.address,
+        config.daemon_mode,
+        config.daemon.fs_driver,
+        config.daemon.recover_policy,
+    )
+    _refuse_live_socket(config.address)
+
+    pm = build_plugin_manager()
+    infos = list_plugins(pm)
+    log.info("plugins loaded: %s", ", ".join(i.describe() for i in infos) or "none")
+    for failed in pm.failed:
+        log.error("plugin not loaded: %s", failed.error)
+
+    images = _open_image_service(config, pm)
+    snapshotter = None
+    server = None
+    liveness: threading.Thread | None = None
+    try:
+        snapshotter = LoggingSnapshotter(config.root, config, pm, images=images)
+        log.info("metastore open: %s", config.root / "metadata.db")
+        try:
+            server = serve(snapshotter, config.address, config.uid, config.gid)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.address}: {exc}") from exc
+        if images is not None and hasattr(images, "check_liveness"):
+            liveness = threading.Thread(
+                target=_liveness_loop, args=(images, stop), name="daemon-liveness", daemon=True
+            )
+            liveness.start()
+        pm.hook.nydus_snapshotter_started(root=str(config.root), config=config)
+        log.info("ready")
+
+        stop.wait()
+        log.info("received %s, stopping", received[0] if received else "stop request")
+        return 0
+    finally:
+        stop.set()
+        if server is not None:
+            server.stop(STOP_GRACE)
+            log.info("stopped serving %s", config.address)
+            try:
+                pm.hook.nydus_snapshotter_stopping(root=str(config.root))
+            except Exception:
+                log.exception("a nydus_snapshotter_stopping hook failed")
+        if liveness is not None:
+            liveness.join(1.0)
+        if snapshotter is not None:
+            snapshotter.close()
+        if images is not None:
+            with contextlib.suppress(Exception):
+                images.close()
+        log.info("metastore closed; daemons left running: %d", _count_daemons(images))
+
+
+def _refuse_live_socket(address: Path) -> None:
+    """Fail if another process answers on `address` (the server would remove its socket)."""
+    if not os.path.exists(address):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(address))
+        except OSError:
+            return  # stale socket of a dead process: the server replaces it
+    raise StartupError(f"cannot listen on {address}: another process is serving on it")
+
+
+def _open_image_service(config: SnapshotterConfig, pm: pluggy.PluginManager) -> Any:
+    """The daemon manager, recovered; ``None`` when it is not available in this build."""
+    try:
+        from nydus_core.daemon.manager import DaemonManager
+    except ImportError as exc:
+        log.warning("daemon manager not available (%s): lazily served images are disabled", exc)
+        return None
+    manager = DaemonManager(config, pm)
+    try:
+        manager.recover()
+    except Exception:
+        manager.close()
+        raise
+    log.info("daemon manager open: %d daemon(s) recovered", _count_daemons(manager))
+    return manager
+
+
+def _count_daemons(images: Any) -> int:
+    try:
+        return len(images.daemons()) if images is not None else 0
+    except Exception:
+        return 0
+
+
+def _liveness_loop(images: Any, stop: threading.Event) -> None:
+    """Sweep daemon liveness until `stop`; dead daemons are handled by the manager's policy."""
+    while not stop.wait(LIVENESS_INTERVAL):
+        try:
+            dead = images.check_liveness()
+        except Exception:
+            log.exception("daemon liveness check failed")
+            continue
+        if dead:
+            log.warning("daemons found dead: %s", ", ".join(dead))
+
+
+def _replay_to_stderr(buffered: BufferedRecords) -> None:
+    for record in buffered.records:
+        if record.levelno >= logging.WARNING:
+            print(f"{PROG}: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
