@@ -22,6 +22,9 @@ from nydus_core.testing.services import Containerd, NydusSnapshotter
 pytestmark = pytest.mark.containerd
 
 Shape = list[tuple[str, str, tuple[str, ...]]]
+#: As ``ctr snapshots`` does: without a GC root label (or a lease) containerd's collector may
+#: delete these snapshots between two calls of the test.
+GC_ROOT = {"containerd.io/gc.root": "mount-shape-test"}
 
 
 class Normalizer:
@@ -39,22 +42,26 @@ class Normalizer:
         return self._pattern.sub(self._sub, text)
 
 
-def build_chain(stub: SnapshotsStub, md: tuple[tuple[str, str], ...], snapshotter: str,
-                norm: Callable[[str], str]) -> dict[str, Shape]:
+def build_chain(
+    stub: SnapshotsStub, md: tuple[tuple[str, str], ...], snapshotter: str, norm: Callable[[str], str]
+) -> dict[str, Shape]:
     """Walk the same chain of Prepare/Commit/View calls and record every mount list."""
     shapes: dict[str, Shape] = {}
 
     def record(step: str, mounts: object) -> None:
-        shapes[step] = [(m.type, norm(m.source), tuple(norm(o) for o in m.options))
-                        for m in mounts]  # type: ignore[attr-defined]
+        shapes[step] = [(m.type, norm(m.source), tuple(norm(o) for o in m.options)) for m in mounts]  # type: ignore[attr-defined]
 
     def prepare(key: str, parent: str = "") -> None:
-        resp = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent),
-                            metadata=md)
+        resp = stub.Prepare(
+            pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent, labels=GC_ROOT),
+            metadata=md,
+        )
         record(f"prepare {key}", resp.mounts)
 
     def commit(name: str, key: str) -> None:
-        stub.Commit(pb.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key), metadata=md)
+        stub.Commit(
+            pb.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=GC_ROOT), metadata=md
+        )
 
     prepare("a")
     commit("c1", "a")
@@ -65,8 +72,10 @@ def build_chain(stub: SnapshotsStub, md: tuple[tuple[str, str], ...], snapshotte
     prepare("d", "c3")  # an active snapshot on three layers, like a container rootfs
     record("mounts d", stub.Mounts(pb.MountsRequest(snapshotter=snapshotter, key="d"), metadata=md).mounts)
     for view, parent in (("v1", "c1"), ("v2", "c2"), ("v3", "c3")):
-        resp = stub.View(pb.ViewSnapshotRequest(snapshotter=snapshotter, key=view, parent=parent),
-                         metadata=md)
+        resp = stub.View(
+            pb.ViewSnapshotRequest(snapshotter=snapshotter, key=view, parent=parent, labels=GC_ROOT),
+            metadata=md,
+        )
         record(f"view {view}", resp.mounts)
     return shapes
 
