@@ -388,6 +388,17 @@ class Containerd:
         self._namespaces.add(ns)
         return (("containerd-namespace", ns),)
 
+    def gc(self, namespace: str | None = None) -> None:
+        """Run containerd's garbage collector now and wait for it.
+
+        containerd removes a snapshot from a backend only during GC (``Remove`` through the API
+        just drops its metadata); deleting a throw-away lease with ``--sync`` is the one ctr
+        command that runs a full collection synchronously.
+        """
+        lease = f"gc-{secrets.token_hex(4)}"
+        self.ctr("leases", "create", "--id", lease, namespace=namespace)
+        self.ctr("leases", "delete", "--sync", lease, namespace=namespace)
+
     def cleanup_namespace(self, namespace: str) -> None:
         """Kill and delete every task and container of `namespace` (shims outlive containerd otherwise)."""
         tasks = self.ctr("tasks", "ls", "-q", namespace=namespace, check=False, timeout=30)
