@@ -93,26 +93,25 @@ def native_or_image_mounts(request: MountRequest, config: SnapshotterConfig) -> 
 
 
 def relative_overlay_options(options: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
-    """Rewrite absolute overlay dirs relative to their longest common parent.
+    """Rewrite the ``lowerdir=`` list relative to its dirs' longest common parent.
 
-    containerd's mount helper does this when the option string would exceed a page (the kernel
-    limit for mount data): it chdirs to the common parent and passes relative paths. Returned:
-    the directory to chdir to and the rewritten options.
+    containerd's mounter does this when the option string would not fit in a page (the kernel's
+    limit for mount data): it mounts from a child that chdirs to that parent, passing relative
+    lower dirs (upperdir/workdir stay absolute). Returns the directory to chdir to and the
+    rewritten options; ``"/"`` and the options unchanged when there is no lowerdir.
     """
-    dirs: list[str] = []
+    lowers: list[str] = []
     for opt in options:
-        key, _, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "workdir"):
-            dirs += value.split(":")
-    if not dirs:
+        if opt.startswith("lowerdir="):
+            lowers = opt[len("lowerdir=") :].split(":")
+    if not lowers:
         return "/", list(options)
-    common = os.path.commonpath(dirs)
-    if common in dirs:  # a single dir (or all equal): use its parent
+    common = os.path.commonpath(lowers)
+    if common in lowers:  # one dir (or all the same): chdir to its parent
         common = os.path.dirname(common)
-    out: list[str] = []
+    out = []
     for opt in options:
-        key, sep, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "workdir"):
-            value = ":".join(os.path.relpath(p, common) for p in value.split(":"))
-        out.append(key + sep + value)
+        if opt.startswith("lowerdir="):
+            opt = "lowerdir=" + ":".join(os.path.relpath(p, common) for p in lowers)
+        out.append(opt)
     return common, out
