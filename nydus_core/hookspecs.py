@@ -7,10 +7,10 @@ entry-point group ``nydus_core.plugins`` (see `nydus_core.plugins`).
 
 Three families, as the design card names them:
 
-* **image detection** – which format serves a layer lazily, and which image a container's parent
+* **image detection** - which format serves a layer lazily, and which image a container's parent
   chain holds;
-* **mount production** – the exact `containerd.types.Mount` list for a snapshot;
-* **daemon lifecycle** – start, wait-ready, attach/detach an image, liveness, stop, recover.
+* **mount production** - the exact `containerd.types.Mount` list for a snapshot;
+* **daemon lifecycle** - start, wait-ready, attach/detach an image, liveness, stop, recover.
 
 plus broadcast events and a credentials hook.
 
