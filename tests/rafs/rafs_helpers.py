@@ -57,6 +57,9 @@ def make_source_tree(root: Path) -> None:
     sub.mkdir(parents=True)
     (sub / "deep.txt").write_bytes(b"deep")
     (root / "emptydir").mkdir()
+    longdir = root / ("d" * 120) / ("e" * 140)
+    longdir.mkdir(parents=True)
+    (longdir / ("f" * 200)).write_bytes(b"long path")
     os.symlink("small.txt", root / "link")
     os.symlink("x" * 3000, root / "longlink")
     os.symlink("/etc/passwd", root / "abslink")
@@ -137,3 +140,18 @@ def describe_erofs(image: object, devices: list[bytes] | None = None, *, nsec: b
         perm = stat.S_IMODE(ino.mode)
         out[rel] = (fmt, perm, ino.uid, ino.gid, size, mtime, xattrs, link, rdev, nlink, data)
     return out
+
+
+def extract_with_gnu_tar(tar: Path, dest: Path) -> Path:
+    """The standard tool as judge: what GNU tar (as root, with xattrs) makes of a layer."""
+    dest.mkdir(parents=True, exist_ok=True)
+    args = ["--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tar), "-C", str(dest)]
+    subprocess.run(["tar", *args], check=True)
+    return dest
+
+
+def create_with_gnu_tar(src: Path, tar: Path) -> Path:
+    """A PAX tar (nanosecond mtimes, xattrs, long names) of a directory, as GNU tar writes it."""
+    args = ["--format=pax", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-cpf", str(tar)]
+    subprocess.run(["tar", *args, "-C", str(src), "."], check=True)
+    return tar

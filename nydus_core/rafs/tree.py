@@ -1,0 +1,387 @@
+"""One in-memory filesystem tree: what an OCI layer, a directory or a bootstrap becomes.
+
+A `Node` is an inode; a directory maps names to nodes, and hardlinks are simply the same `Node`
+object under several names (so link counts are derived, never stored). A layer tree also remembers
+the OCI whiteouts (`.wh.NAME`) and opaque markers (`.wh..wh..opq`) of each directory, so layers
+can be merged with overlayfs semantics (`merge_layers`) or written out as markers
+(`writer.py`, `--whiteout-spec`).
+
+Tar input is treated as hostile: names are normalised, and anything that would place an entry
+outside the root (``..`` components, absolute paths, hardlinks to outside or through a symlink)
+raises `RafsError` naming the entry.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from nydus_core.rafs import RafsError
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+
+class Kind(enum.Enum):
+    """Inode type, mapped to S_IFMT bits."""
+
+    REG = stat.S_IFREG
+    DIR = stat.S_IFDIR
+    SYMLINK = stat.S_IFLNK
+    CHAR = stat.S_IFCHR
+    BLOCK = stat.S_IFBLK
+    FIFO = stat.S_IFIFO
+    SOCK = stat.S_IFSOCK
+
+
+class Content(Protocol):
+    """Where a regular file's bytes come from; opened only when the writer needs them."""
+
+    def open(self) -> BinaryIO: ...
+
+
+@dataclass(frozen=True)
+class BytesContent:
+    data: bytes
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.data)
+
+
+class _Slice(io.RawIOBase):
+    """A bounded read-only window of a file."""
+
+    def __init__(self, f: BinaryIO, offset: int, size: int) -> None:
+        self._f, self._start, self._size, self._pos = f, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class FileContent:
+    """`size` bytes at `offset` of a file on disk (a plain tar member, or a whole file)."""
+
+    path: str
+    offset: int = 0
+    size: int = -1
+
+    def open(self) -> BinaryIO:
+        f = open(self.path, "rb")  # noqa: SIM115 - handed to the caller, closed by the slice
+        if self.offset == 0 and self.size < 0:
+            return f
+        return io.BufferedReader(_Slice(f, self.offset, self.size))
+
+
+@dataclass(eq=False)
+class Node:
+    """An inode. Identity matters: the same Node under two names is a hardlink."""
+
+    kind: Kind
+    mode: int = 0o755  # permission and suid/sgid/sticky bits only
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    size: int = 0
+    link_target: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+    content: Content | None = None
+    entries: dict[bytes, Node] = field(default_factory=dict)
+    # Layer markers (directories only): names this layer deletes, and whether it hides lower layers.
+    whiteouts: dict[bytes, Node] = field(default_factory=dict)
+    opaque: Node | None = None
+
+    @property
+    def st_mode(self) -> int:
+        return self.kind.value | (self.mode & 0o7777)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is Kind.DIR
+
+    def copy_meta(self) -> Node:
+        """Same attributes, no children, no markers (a fresh inode)."""
+        return Node(self.kind, self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs),
+                    self.size, self.link_target, self.rdev, self.content)  # fmt: skip
+
+
+def new_dir(mode: int = 0o755) -> Node:
+    return Node(Kind.DIR, mode)
+
+
+def walk(root: Node) -> Iterator[tuple[bytes, Node]]:
+    """(path, node) pairs, parents before children, names sorted; the root's path is b""."""
+    yield b"", root
+    stack = [(b"", root)]
+    while stack:
+        path, node = stack.pop()
+        for name in sorted(node.entries, reverse=True):
+            child = node.entries[name]
+            cpath = path + b"/" + name if path else name
+            yield cpath, child
+            if child.is_dir:
+                stack.append((cpath, child))
+
+
+def sorted_walk(root: Node) -> list[tuple[bytes, Node]]:
+    return sorted(walk(root), key=lambda item: item[0])
+
+
+def link_counts(root: Node) -> dict[int, int]:
+    """id(node) -> st_nlink: names referring to a non-directory, 2 + subdirectories for a directory."""
+    counts: dict[int, int] = {}
+    for _, node in walk(root):
+        if node.is_dir:
+            counts[id(node)] = 2 + sum(1 for c in node.entries.values() if c.is_dir)
+    for _, node in walk(root):
+        for child in node.entries.values():
+            if not child.is_dir:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts
+
+
+# -- tar ---------------------------------------------------------------------------------------------
+def _clean(name: str, what: str) -> list[bytes]:
+    """Split a tar path into safe components; refuses anything that climbs out of the root."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if raw.startswith(b"/"):
+        raise RafsError(f"{what}: absolute path {name!r} is not allowed in a layer")
+    parts = []
+    for p in raw.split(b"/"):
+        if p in (b"", b"."):
+            continue
+        if p == b"..":
+            raise RafsError(f"{what}: path {name!r} escapes the root with '..'")
+        if b"\0" in p:
+            raise RafsError(f"{what}: NUL byte in path {name!r}")
+        if len(p) > 255:
+            raise RafsError(f"{what}: path component longer than 255 bytes in {name!r}")
+        parts.append(p)
+    return parts
+
+
+def _parent(root: Node, parts: list[bytes], what: str, create: bool = True) -> Node:
+    node = root
+    for i, p in enumerate(parts):
+        child = node.entries.get(p)
+        if child is None:
+            if not create:
+                raise RafsError(
+                    f"{what}: {b'/'.join(parts[: i + 1]).decode(errors='replace')} does not exist"
+                )
+            child = new_dir()
+            node.entries[p] = child
+        elif not child.is_dir:
+            where = b"/".join(parts[: i + 1]).decode(errors="replace")
+            raise RafsError(
+                f"{what}: {where} is a {child.kind.name.lower()}, not a directory "
+                "(an entry cannot be placed through it)"
+            )
+        node = child
+    return node
+
+
+def _xattrs_from_pax(info: tarfile.TarInfo) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in info.pax_headers.items():
+        for prefix in ("SCHILY.xattr.", "LIBARCHIVE.xattr."):
+            if key.startswith(prefix):
+                raw = value.encode("utf-8", "surrogateescape")
+                if prefix.startswith("LIBARCHIVE"):
+                    import base64
+
+                    raw = base64.b64decode(raw + b"=" * (-len(raw) % 4))
+                out[key[len(prefix) :].encode("utf-8", "surrogateescape")] = raw
+    return out
+
+
+def _mtime(info: tarfile.TarInfo) -> tuple[int, int]:
+    pax = info.pax_headers.get("mtime")
+    if pax:
+        sec, _, frac = pax.partition(".")
+        nsec = int((frac + "000000000")[:9]) if frac else 0
+        return int(sec), nsec
+    return int(info.mtime), 0
+
+
+def tree_from_tar(path: str | os.PathLike[str]) -> Node:
+    """Parse an OCI layer tar (plain, gzip, bz2 or xz) into a layer tree with its markers."""
+    path = os.fspath(path)
+    root = new_dir()
+    try:
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
+    except tarfile.TarError as exc:
+        raise RafsError(f"{path}: not a readable tar archive: {exc}") from exc
+    seekable = tf.fileobj is not None and type(tf.fileobj) is io.BufferedReader
+    with tf:
+        try:
+            for info in tf:
+                _add_tar_member(root, tf, info, path if seekable else None)
+        except tarfile.TarError as exc:
+            raise RafsError(f"{path}: corrupt tar: {exc}") from exc
+    return root
+
+
+def _add_tar_member(root: Node, tf: tarfile.TarFile, info: tarfile.TarInfo, plain_path: str | None) -> None:
+    what = f"tar entry {info.name!r}"
+    parts = _clean(info.name, what)
+    sec, nsec = _mtime(info)
+    meta = {"mode": info.mode & 0o7777, "uid": info.uid, "gid": info.gid, "mtime": sec, "mtime_nsec": nsec,
+            "xattrs": _xattrs_from_pax(info)}  # fmt: skip
+    if not parts:  # "./" - the root itself
+        if not info.isdir():
+            raise RafsError(f"{what}: the root must be a directory")
+        _set_meta(root, meta)
+        return
+    parent = _parent(root, parts[:-1], what)
+    name = parts[-1]
+    if name == OPAQUE_MARKER:
+        parent.opaque = Node(Kind.REG, **meta)  # type: ignore[arg-type]
+        return
+    if name.startswith(WHITEOUT_PREFIX):
+        target = name[len(WHITEOUT_PREFIX) :]
+        if not target or target in (b".", b".."):
+            raise RafsError(f"{what}: invalid whiteout")
+        parent.whiteouts[target] = Node(Kind.REG, **meta)  # type: ignore[arg-type]
+        return
+    if info.islnk():
+        tparts = _clean(info.linkname, f"{what} hardlink target")
+        if not tparts:
+            raise RafsError(f"{what}: hardlink to the root directory")
+        tparent = _parent(root, tparts[:-1], f"{what} hardlink target", create=False)
+        linked = tparent.entries.get(tparts[-1])
+        if linked is None:
+            raise RafsError(
+                f"{what}: hardlink target {info.linkname!r} is not an earlier entry of this layer"
+            )
+        if linked.is_dir:
+            raise RafsError(f"{what}: hardlink to a directory")
+        parent.entries[name] = linked
+        return
+    if info.isdir():
+        existing = parent.entries.get(name)
+        if existing is not None and existing.is_dir:
+            _set_meta(existing, meta)  # keep children added before the directory's own entry
+            return
+        node = Node(Kind.DIR, **meta)  # type: ignore[arg-type]
+    elif info.isreg():
+        node = Node(Kind.REG, size=info.size, **meta)  # type: ignore[arg-type]
+        if info.size:
+            if plain_path is not None:
+                node.content = FileContent(plain_path, info.offset_data, info.size)
+            else:
+                f = tf.extractfile(info)
+                assert f is not None
+                node.content = BytesContent(f.read())
+    elif info.issym():
+        target_b = info.linkname.encode("utf-8", "surrogateescape")
+        if not target_b or len(target_b) > 4095:
+            raise RafsError(f"{what}: symlink target length {len(target_b)} is invalid")
+        node = Node(Kind.SYMLINK, size=len(target_b), link_target=target_b, **meta)  # type: ignore[arg-type]
+        node.mode = 0o777  # Linux symlinks have no permissions of their own; unpacking gives 0777
+    elif info.ischr() or info.isblk():
+        kind = Kind.CHAR if info.ischr() else Kind.BLOCK
+        node = Node(kind, rdev=(info.devmajor, info.devminor), **meta)  # type: ignore[arg-type]
+    elif info.isfifo():
+        node = Node(Kind.FIFO, **meta)  # type: ignore[arg-type]
+    else:
+        raise RafsError(f"{what}: unsupported tar entry type {info.type!r}")
+    parent.entries[name] = node
+
+
+def _set_meta(node: Node, meta: dict[str, object]) -> None:
+    for key, value in meta.items():
+        setattr(node, key, value)
+
+
+# -- directory ---------------------------------------------------------------------------------------
+def tree_from_dir(path: str | os.PathLike[str]) -> Node:
+    """Read a directory tree (no symlink following); hardlinks are detected by (st_dev, st_ino)."""
+    base = os.fspath(path)
+    by_ino: dict[tuple[int, int], Node] = {}
+
+    def load(p: str) -> Node:
+        st = os.lstat(p)
+        fmt = stat.S_IFMT(st.st_mode)
+        key = (st.st_dev, st.st_ino)
+        if fmt != stat.S_IFDIR and st.st_nlink > 1 and key in by_ino:
+            return by_ino[key]
+        try:
+            names = os.listxattr(p, follow_symlinks=False)
+        except OSError:
+            names = []
+        xattrs = {n.encode(): os.getxattr(p, n, follow_symlinks=False) for n in names}
+        node = Node(Kind(fmt), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns // 10**9,
+                    st.st_mtime_ns % 10**9, xattrs)  # fmt: skip
+        if fmt == stat.S_IFREG:
+            node.size = st.st_size
+            node.content = FileContent(p, 0, st.st_size) if st.st_size else None
+        elif fmt == stat.S_IFLNK:
+            node.link_target = os.fsencode(os.readlink(p))
+            node.size = len(node.link_target)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        elif fmt == stat.S_IFDIR:
+            for entry in os.listdir(os.fsencode(p)):
+                node.entries[entry] = load(os.path.join(p, os.fsdecode(entry)))
+        if st.st_nlink > 1 and fmt != stat.S_IFDIR:
+            by_ino[key] = node
+        return node
+
+    root = load(base)
+    if not root.is_dir:
+        raise RafsError(f"{base} is not a directory")
+    return root
+
+
+# -- overlay merge -------------------------------------------------------------------------------------
+def merge_layers(layers: list[Node]) -> Node:
+    """Merge layer trees bottom-up as overlayfs shows them; the result has no markers left."""
+    if not layers:
+        raise RafsError("no layers to merge")
+    merged = _merge_dir(None, layers[0])
+    for upper in layers[1:]:
+        merged = _merge_dir(merged, upper)
+    return merged
+
+
+def _merge_dir(lower: Node | None, upper: Node) -> Node:
+    result = upper.copy_meta()
+    if lower is not None and upper.opaque is None:
+        result.entries = dict(lower.entries)
+    for name in upper.whiteouts:
+        result.entries.pop(name, None)
+    for name, node in upper.entries.items():
+        below = result.entries.get(name)
+        if node.is_dir:
+            result.entries[name] = _merge_dir(below if below is not None and below.is_dir else None, node)
+        else:
+            result.entries[name] = node
+    return result
+
+
+def strip_markers(root: Node) -> Node:
+    """A single layer as a final tree (whiteouts and opaque markers have nothing to act on)."""
+    return merge_layers([root])
