@@ -7,6 +7,7 @@ daemon or mount behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,44 +18,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import pluggy
 import pytest
+from daemon_helpers import EventRecorder, pid_alive, pids_mentioning
 
 from nydus_core.config import DaemonConfig, SnapshotterConfig
-from nydus_core.daemon.model import DaemonRecord
 from nydus_core.daemon.mounts import umount_tree
-from nydus_core.hookspecs import hookimpl
 from nydus_core.plugins import build_plugin_manager
 from nydus_core.snapshot import labels as L
 from nydus_core.snapshot.model import ImageSource
 
 MINI_NYDUSD = Path(__file__).with_name("mini_nydusd.py")
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line contains `text` (our test root: only what we started)."""
-    found = []
-    needle = text.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.fixture
@@ -65,10 +40,8 @@ def root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nydt-", dir="/tmp"))
     yield path
     for pid in pids_mentioning(str(path)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 5
     while any(pid_alive(p) for p in pids_mentioning(str(path))) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -103,20 +76,6 @@ def make_config(root: Path, nydusd_program: Path) -> Callable[..., SnapshotterCo
         )
 
     return make
-
-
-class EventRecorder:
-    """A plugin that records every `nydus_daemon_event` as (daemon id, event, detail)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    @hookimpl
-    def nydus_daemon_event(self, daemon: DaemonRecord, event: str, detail: Mapping[str, Any]) -> None:
-        self.events.append((daemon.id, event, dict(detail)))
-
-    def names(self, daemon_id: str | None = None) -> list[str]:
-        return [e for d, e, _ in self.events if daemon_id is None or d == daemon_id]
 
 
 @pytest.fixture

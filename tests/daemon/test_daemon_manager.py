@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pluggy
 import pytest
+from daemon_helpers import EventRecorder, kill9, pid_alive, pids_mentioning
 
-from conftest import EventRecorder, pid_alive, pids_mentioning
 from nydus_core.builtin import nydusd as nydusd_hooks
 from nydus_core.config import SnapshotterConfig
 from nydus_core.daemon.client import NydusdClient
@@ -34,18 +34,6 @@ MakeImage = Callable[..., ImageSource]
 def cmdline(pid: int) -> list[str]:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         return [a.decode() for a in f.read().split(b"\0") if a]
-
-
-def kill9(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        try:  # the daemon is our child: reap it so it does not linger as a zombie
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-    assert not pid_alive(pid)
 
 
 def wait_gone(pid: int, timeout: float = 5) -> bool:
@@ -145,7 +133,7 @@ def test_nydus_daemon_wait_ready_timeout_discards_daemon(
     monkeypatch.setenv("MINI_NYDUSD_READY_DELAY", "30")
     mgr = DaemonManager(make_config("dedicated"), pm, ready_timeout=0.5)
     image = make_image("12")
-    with pytest.raises(Unavailable, match="did not become ready within 0.5s"):
+    with pytest.raises(Unavailable, match=r"did not become ready within 0\.5s"):
         mgr.ensure_instance(image, image.labels)
     assert mgr.get_instance("12") is None
     assert mgr.store.list_daemons() == [] and mgr.store.list_instances() == []
