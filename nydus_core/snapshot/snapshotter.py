@@ -195,7 +195,9 @@ class Snapshotter:
     def _mounts_for(self, key: str, snap: Snapshot, labels: dict[str, str], create: bool) -> list[Mount]:
         """Resolve a lazily served image under the chain (if any), then ask the mount producers."""
         request = self._request(key, snap, labels)
-        if snap.parent_ids:
+        # A layer being unpacked (and not claimed) gets native mounts: containerd writes the
+        # layer's content into it, as with the overlayfs snapshotter.
+        if snap.parent_ids and not L.is_unpack_layer(labels):
             chain = [
                 ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self.paths.upper(c.id))
                 for c in self.ms.chain(key)
