@@ -18,12 +18,10 @@ containers read their root filesystems through them, and the next start re-adopt
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import platform
 import signal
-import socket
 import sys
 import threading
 import types
@@ -34,6 +32,7 @@ from typing import Any
 import pluggy
 
 import nydus_core
+from nydus_core.cli.lifecycle import StartupError
 from nydus_core.cli.logsetup import BufferedRecords, setup_logging
 from nydus_core.config import (
     DAEMON_MODES,
@@ -50,7 +49,6 @@ from nydus_core.plugins import NydusPluginManager, build_plugin_manager, list_pl
 log = logging.getLogger("nydus_core.cli.snapshotter")
 
 PROG = "containerd-nydus-grpc"
-STOP_GRACE = 0.3  # seconds in-flight RPCs get on shutdown; the whole stop stays under one second
 LIVENESS_INTERVAL = 5.0  # seconds between daemon liveness sweeps
 
 # flag dest -> dotted configuration key
@@ -67,10 +65,6 @@ FLAG_KEYS = {
     "log_level": "log.level",
     "log_dir": "log.dir",
 }
-
-
-class StartupError(Exception):
-    """Start-up cannot continue; the message is printed as one line and the exit status is 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +180,7 @@ def run(config: SnapshotterConfig, config_path: Path | None) -> int:
 def _serve_until(
     stop: threading.Event, received: list[str], config: SnapshotterConfig, config_path: Path | None
 ) -> int:
-    from nydus_core.cli.rpclog import LoggingSnapshotter
-    from nydus_core.snapshot.server import serve
+    from nydus_core.cli.lifecycle import RunningSnapshotter
 
     log.info(
         "%s %s starting (pid %d, Python %s)",
@@ -208,7 +201,6 @@ def _serve_until(
         config.daemon.fs_driver,
         config.daemon.recover_policy,
     )
-    _refuse_live_socket(config.address)
 
     pm = build_plugin_manager()
     infos = list_plugins(pm)
@@ -216,82 +208,23 @@ def _serve_until(
     for failed in pm.failed:
         log.error("plugin not loaded: %s", failed.error)
 
-    images = _open_image_service(config, pm)
-    snapshotter = None
-    server = None
+    running = RunningSnapshotter.start(config, pm)
     liveness: threading.Thread | None = None
     try:
-        snapshotter = LoggingSnapshotter(config.root, config, pm, images=images)
-        log.info("metastore open: %s", config.root / "metadata.db")
-        try:
-            server = serve(snapshotter, config.address, config.uid, config.gid)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {config.address}: {exc}") from exc
-        if images is not None and hasattr(images, "check_liveness"):
+        if running.images is not None and hasattr(running.images, "check_liveness"):
             liveness = threading.Thread(
-                target=_liveness_loop, args=(images, stop), name="daemon-liveness", daemon=True
+                target=_liveness_loop, args=(running.images, stop), name="daemon-liveness", daemon=True
             )
             liveness.start()
-        pm.hook.nydus_snapshotter_started(root=str(config.root), config=config)
         log.info("ready")
-
         stop.wait()
         log.info("received %s, stopping", received[0] if received else "stop request")
         return 0
     finally:
         stop.set()
-        if server is not None:
-            server.stop(STOP_GRACE)
-            log.info("stopped serving %s", config.address)
-            try:
-                pm.hook.nydus_snapshotter_stopping(root=str(config.root))
-            except Exception:
-                log.exception("a nydus_snapshotter_stopping hook failed")
         if liveness is not None:
             liveness.join(1.0)
-        if snapshotter is not None:
-            snapshotter.close()
-        if images is not None:
-            with contextlib.suppress(Exception):
-                images.close()
-        log.info("metastore closed; daemons left running: %d", _count_daemons(images))
-
-
-def _refuse_live_socket(address: Path) -> None:
-    """Fail if another process answers on `address` (the server would remove its socket)."""
-    if not os.path.exists(address):
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(address))
-        except OSError:
-            return  # stale socket of a dead process: the server replaces it
-    raise StartupError(f"cannot listen on {address}: another process is serving on it")
-
-
-def _open_image_service(config: SnapshotterConfig, pm: pluggy.PluginManager) -> Any:
-    """The daemon manager, recovered; ``None`` when it is not available in this build."""
-    try:
-        from nydus_core.daemon.manager import DaemonManager
-    except ImportError as exc:
-        log.warning("daemon manager not available (%s): lazily served images are disabled", exc)
-        return None
-    manager = DaemonManager(config, pm)
-    try:
-        manager.recover()
-    except Exception:
-        manager.close()
-        raise
-    log.info("daemon manager open: %d daemon(s) recovered", _count_daemons(manager))
-    return manager
-
-
-def _count_daemons(images: Any) -> int:
-    try:
-        return len(images.daemons()) if images is not None else 0
-    except Exception:
-        return 0
+        running.stop()
 
 
 def _liveness_loop(images: Any, stop: threading.Event) -> None:
