@@ -9,7 +9,18 @@ from typing import Any
 import grpc
 import pytest
 from conftest import Served
-from snap_helpers import commit, expect_code, list_names, mounts, prepare, prepare_l, remove, shape, stat, view
+from snap_helpers import (
+    commit,
+    expect_code,
+    list_names,
+    mounts,
+    prepare,
+    prepare_l,
+    remove,
+    shape,
+    stat,
+    view,
+)
 
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from nydus_core.config import SnapshotterConfig
@@ -82,7 +93,7 @@ def test_claimed_layer_is_committed_and_already_exists(lazy: tuple[Served, LazyL
     assert dict(info.labels) == {**labels, CLAIMED: "yes"}  # all labels, snapshot.ref included
     expect_code(C.NOT_FOUND, lambda: stat(stub, key))  # the active key was consumed
 
-    flt = f'labels."containerd.io/snapshot.ref"==sha256:t,parent=="k8s.io/2/sha256:base"'
+    flt = 'labels."containerd.io/snapshot.ref"==sha256:t,parent=="k8s.io/2/sha256:base"'
     [resp] = list(stub.List(pb.ListSnapshotsRequest(filters=[flt])))
     [listed] = resp.info
     assert (listed.name, listed.kind, listed.parent) == ("sha256:t", pb.COMMITTED, "k8s.io/2/sha256:base")
@@ -156,7 +167,9 @@ class FindTestImage:
         self.chains: list[list[ChainEntry]] = []
 
     @hookimpl
-    def nydus_find_image(self, key: str, chain: list[ChainEntry], config: SnapshotterConfig) -> ImageSource | None:
+    def nydus_find_image(
+        self, key: str, chain: list[ChainEntry], config: SnapshotterConfig
+    ) -> ImageSource | None:
         self.chains.append(list(chain))
         for entry in chain:
             if L.NYDUS_BOOTSTRAP in entry.labels:
