@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
 	$(BIN)/python -m pip install -q -e '.[dev]' $(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $@
 
+# mypy's configured files are the package; the benchmark, scripts and integration tests are
+# checked too because they are the package's first users.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy bench scripts tests/integration
 
 typecheck: venv
 	$(BIN)/mypy

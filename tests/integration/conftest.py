@@ -33,13 +33,14 @@ def remove_all_snapshots(containerd: Containerd, namespace: str, snapshotter: st
 
 
 def cleanup_namespace(containerd: Containerd, namespace: str) -> None:
-    """Delete tasks, containers, images (with a synchronous GC) and leftover snapshots."""
+    """Delete tasks, containers, images and snapshots, then collect garbage so the backend is clean."""
     containerd.cleanup_namespace(namespace)
     images = containerd.ctr("images", "ls", "-q", namespace=namespace, check=False).stdout.split()
     if images:
         containerd.ctr("images", "rm", "--sync", *images, namespace=namespace, check=False)
     for snapshotter in SNAPSHOTTERS:
         remove_all_snapshots(containerd, namespace, snapshotter)
+    containerd.gc(namespace)
 
 
 @pytest.fixture
