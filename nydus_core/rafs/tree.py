@@ -14,15 +14,17 @@ raises `RafsError` naming the entry.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from nydus_core.rafs import RafsError
+from nydus_core.rafs.erofs import ErofsImage, Inode
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -385,3 +387,116 @@ def _merge_dir(lower: Node | None, upper: Node) -> Node:
 def strip_markers(root: Node) -> Node:
     """A single layer as a final tree (whiteouts and opaque markers have nothing to act on)."""
     return merge_layers([root])
+
+
+# -- bootstrap -> tree, tree -> tar -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReaderContent:
+    """A regular file served by a callable that returns its bytes (e.g. a verified blob read)."""
+
+    read: Callable[[], bytes]
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.read())
+
+
+def tree_from_erofs(
+    image: ErofsImage, read_file: Callable[[Inode], bytes] | None, *, markers: bool = True
+) -> Node:
+    """A tree from an EROFS/RAFS image; `read_file` serves regular files lazily.
+
+    With `markers`, `.wh.NAME` entries become whiteouts and `.wh..wh..opq` the opaque marker, so
+    layer bootstraps written with ``--whiteout-spec oci`` merge like their tars.
+    """
+    by_nid: dict[int, Node] = {}
+
+    def make(ino: Inode) -> Node:
+        node = by_nid.get(ino.nid)
+        if node is not None:
+            return node
+        xattrs = image.xattrs(ino)
+        node = Node(Kind(stat.S_IFMT(ino.mode)), stat.S_IMODE(ino.mode), ino.uid, ino.gid, ino.mtime,
+                    ino.mtime_nsec, xattrs)  # fmt: skip
+        if node.kind is Kind.REG:
+            node.size = ino.size
+            if ino.size:
+                if read_file is None:
+                    raise RafsError("file data requested but no blobs were given")
+                node.content = ReaderContent(functools.partial(read_file, ino))
+        elif node.kind is Kind.SYMLINK:
+            node.link_target = image.readlink(ino)
+            node.size = len(node.link_target)
+        elif node.kind in (Kind.CHAR, Kind.BLOCK):
+            node.rdev = ino.rdev
+        by_nid[ino.nid] = node
+        if node.is_dir:
+            for d in image.children(ino):
+                child = make(image.inode(d.nid))
+                if markers and d.name == OPAQUE_MARKER:
+                    node.opaque = child
+                elif markers and d.name.startswith(WHITEOUT_PREFIX):
+                    node.whiteouts[d.name[len(WHITEOUT_PREFIX) :]] = child
+                else:
+                    node.entries[d.name] = child
+        return node
+
+    return make(image.root)
+
+
+def write_tar(root: Node, out: BinaryIO) -> None:
+    """A PAX tar of the tree: hardlinks as links to their first path, xattrs as SCHILY.xattr.*."""
+    first_path: dict[int, str] = {}
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path, node, marker in _walk_with_markers(root):
+            name = path.decode("utf-8", "surrogateescape") if path else "."
+            info = tarfile.TarInfo(name if path else "./")
+            info.mode, info.uid, info.gid = node.mode, node.uid, node.gid
+            info.mtime = node.mtime
+            pax = {"mtime": f"{node.mtime}.{node.mtime_nsec:09d}"} if node.mtime_nsec else {}
+            for k, v in node.xattrs.items():
+                pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
+                    "utf-8", "surrogateescape"
+                )
+            info.pax_headers = pax
+            if marker:
+                info.type, info.size = tarfile.REGTYPE, 0
+                tf.addfile(info)
+                continue
+            if not node.is_dir and id(node) in first_path:
+                info.type, info.linkname = tarfile.LNKTYPE, first_path[id(node)]
+                tf.addfile(info)
+                continue
+            first_path[id(node)] = name
+            if node.kind is Kind.REG:
+                info.type, info.size = tarfile.REGTYPE, node.size
+                if node.size:
+                    assert node.content is not None
+                    with node.content.open() as f:
+                        tf.addfile(info, f)
+                    continue
+            elif node.kind is Kind.DIR:
+                info.type = tarfile.DIRTYPE
+            elif node.kind is Kind.SYMLINK:
+                info.type, info.linkname = (
+                    tarfile.SYMTYPE,
+                    node.link_target.decode("utf-8", "surrogateescape"),
+                )
+            elif node.kind in (Kind.CHAR, Kind.BLOCK):
+                info.type = tarfile.CHRTYPE if node.kind is Kind.CHAR else tarfile.BLKTYPE
+                info.devmajor, info.devminor = node.rdev
+            elif node.kind is Kind.FIFO:
+                info.type = tarfile.FIFOTYPE
+            else:
+                raise RafsError(f"{name}: sockets cannot be stored in a tar")
+            tf.addfile(info)
+
+
+def _walk_with_markers(root: Node) -> Iterator[tuple[bytes, Node, bool]]:
+    for path, node in sorted_walk(root):
+        yield path, node, False
+        if node.is_dir:
+            prefix = path + b"/" if path else b""
+            if node.opaque is not None:
+                yield prefix + OPAQUE_MARKER, node.opaque, True
+            for name, marker in sorted(node.whiteouts.items()):
+                yield prefix + WHITEOUT_PREFIX + name, marker, True

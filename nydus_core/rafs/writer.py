@@ -82,7 +82,7 @@ from nydus_core.rafs.erofs import (
     file_type_of,
     xattr_body,
 )
-from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node
+from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node, sorted_walk
 
 BLKSZ = 4096
 BLKBITS = 12
@@ -526,17 +526,11 @@ def build(root: Node, blob_out: BinaryIO | None, options: BuildOptions | None = 
     writer = BlobWriter(blob_out, opts.compressor, opts.digester) if blob_out is not None else None
     file_chunks: dict[int, list[tuple[int, _Chunk]]] = {}
     done: set[int] = set()
-    stack = [root]
     order: list[Node] = []
-    while stack:  # deterministic: sorted names, depth-first
-        node = stack.pop()
-        for name in sorted(node.entries, reverse=True):
-            child = node.entries[name]
-            if child.is_dir:
-                stack.append(child)
-            elif child.kind is Kind.REG and id(child) not in done:
-                done.add(id(child))
-                order.append(child)
+    for _, node in sorted_walk(root):  # deterministic: by path
+        if node.kind is Kind.REG and id(node) not in done:
+            done.add(id(node))
+            order.append(node)
     for node in order:
         if node.size == 0:
             continue

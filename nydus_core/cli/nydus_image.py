@@ -1,0 +1,259 @@
+"""`nydus-image`: build, check, unpack and inspect RAFS v6 images (upstream subcommand/flag names).
+
+Only the subset that applies to this project is implemented: `create` (tar or directory source,
+fs-version 6), `check`, `unpack` and `inspect`. Errors in the input exit with status 1 and one
+line that names what is wrong; nothing is written outside the given outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nydus_core.rafs import RafsError
+from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, detect_version
+from nydus_core.rafs.erofs import ErofsImage, Inode
+from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
+from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_to_paths
+
+
+def _chunk_size(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid chunk size {text!r} (e.g. 0x100000)") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydus-image", description="Build and inspect RAFS v6 (nydus) images")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("create", help="build a RAFS bootstrap and data blob from a tar or a directory")
+    c.add_argument("source", help="layer tar (plain or compressed) or directory")
+    c.add_argument("--type", "-t", choices=["dir-rafs", "tar-rafs", "directory"], default=None,
+                   help="source type; guessed from SOURCE when omitted")  # fmt: skip
+    c.add_argument("--bootstrap", "-B", required=True, help="output bootstrap path")
+    c.add_argument("--blob", "-b", help="output blob path")
+    c.add_argument("--blob-dir", "-D", help="directory to store the blob in, named by its id")
+    c.add_argument("--compressor", "-c", default="zstd", choices=["none", "lz4_block", "zstd"])
+    c.add_argument("--digester", "-d", default="blake3", choices=["blake3", "sha256"])
+    c.add_argument(
+        "--chunk-size", "-S", type=_chunk_size, default=0x100000, help="chunk size (hex or decimal)"
+    )
+    c.add_argument("--fs-version", "-v", default="6", choices=["6"], help="RAFS version (only 6 is written)")
+    c.add_argument("--whiteout-spec", "-W", default="oci", choices=list(WHITEOUT_SPECS))
+    c.add_argument("--output-json", "-J", help="write a JSON summary of the build here")
+
+    k = sub.add_parser("check", help="validate a bootstrap (and its blobs' chunks when given)")
+    k.add_argument("--bootstrap", "-B", required=True)
+    k.add_argument("--blob-dir", "-D", help="verify every chunk of the blobs found here")
+    k.add_argument("--blob", "-b", help="the single blob of a one-blob bootstrap")
+    k.add_argument("--output-json", "-J", help="write the tree and blob list as JSON here")
+    k.add_argument("--verbose", "-V", action="store_true", help="print every path")
+
+    u = sub.add_parser("unpack", help="write the image's tree to a tar")
+    u.add_argument("--bootstrap", "-B", required=True)
+    u.add_argument("--blob", "-b", help="blob file (for a one-blob image)")
+    u.add_argument("--blob-dir", "-D", help="directory holding the blobs by id")
+    u.add_argument("--output", "-o", required=True, help="output tar path")
+
+    i = sub.add_parser("inspect", help="print the superblock, blob table and statistics as JSON")
+    i.add_argument("bootstrap", nargs="?")
+    i.add_argument("--bootstrap", "-B", dest="bootstrap_opt")
+    i.add_argument("--request", "-R", default="stats", choices=["stats", "blobs", "prefetch"])
+    return p
+
+
+def _load_bootstrap(path: str) -> Bootstrap:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise RafsError(f"cannot read bootstrap {path}: {exc.strerror}") from exc
+    if detect_version(data) == 5:
+        raise RafsError(f"{path} is a RAFS v5 bootstrap; only v6 is supported here")
+    return Bootstrap(data)
+
+
+def _blob_set(bs: Bootstrap, blob: str | None, blob_dir: str | None) -> BlobSet | None:
+    if blob:
+        if len(bs.blobs) != 1:
+            raise RafsError(
+                f"--blob names one blob but the bootstrap references {len(bs.blobs)}; use --blob-dir"
+            )
+        return BlobSet(bs, {bs.blobs[0].blob_id: blob})
+    if blob_dir:
+        return BlobSet.from_dir(bs, blob_dir)
+    return None
+
+
+def _entry_json(path: bytes, node: Node, nlink: dict[int, int]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "path": "/" + path.decode("utf-8", "surrogateescape"),
+        "type": node.kind.name.lower(),
+        "mode": f"{stat.S_IMODE(node.mode):04o}",
+        "uid": node.uid,
+        "gid": node.gid,
+        "mtime": node.mtime,
+        "mtime_nsec": node.mtime_nsec,
+    }
+    if node.kind.name == "REG":
+        entry["size"] = node.size
+    if node.link_target:
+        entry["link_target"] = node.link_target.decode("utf-8", "surrogateescape")
+    if node.kind.name in ("CHAR", "BLOCK"):
+        entry["rdev"] = list(node.rdev)
+    if node.xattrs:
+        entry["xattrs"] = {k.decode(errors="replace"): v.hex() for k, v in sorted(node.xattrs.items())}
+    if not node.is_dir:
+        entry["nlink"] = nlink.get(id(node), 1)
+    return entry
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    src = args.source
+    kind = args.type or ("dir-rafs" if os.path.isdir(src) else "tar-rafs")
+    if not os.path.exists(src):
+        raise RafsError(f"source {src} does not exist")
+    if not args.blob and not args.blob_dir:
+        raise RafsError("give --blob or --blob-dir for the data blob")
+    root = tree_from_dir(src) if kind in ("dir-rafs", "directory") else tree_from_tar(src)
+    opts = BuildOptions(args.chunk_size, args.compressor, args.digester, args.whiteout_spec)
+    result = build_to_paths(root, args.bootstrap, args.blob, args.blob_dir, opts)
+    summary = {
+        "version": "6",
+        "bootstrap": args.bootstrap,
+        "blobs": [result.blob.blob_id] if result.blob else [],
+        "blob_size": result.blob.compressed_size if result.blob else 0,
+    }
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    bs = _load_bootstrap(args.bootstrap)
+    blobs = _blob_set(bs, args.blob, args.blob_dir)
+    count = 0
+    try:
+        for path, ino in bs.walk():
+            count += 1
+            bs.erofs.xattrs(ino)
+            if ino.is_reg and ino.size:
+                for i, ref in enumerate(bs.file_chunks(ino)):
+                    bs.chunk_info(ref, f"/{path.decode(errors='replace')} chunk {i}")
+                if blobs is not None:
+                    blobs.read_file(ino)  # decodes and digest-checks every chunk
+            if args.verbose:
+                print("/" + path.decode(errors="replace"))
+        if args.output_json:
+            reader = blobs.read_file if blobs is not None else None
+            root = tree_from_erofs(bs.erofs, reader, markers=False)
+            from nydus_core.rafs.tree import link_counts
+
+            nlink = link_counts(root)
+            doc = {
+                "version": "6",
+                "compressor": bs.compressor,
+                "digester": bs.digester,
+                "chunk_size": bs.ext.chunk_size,
+                "blobs": [b.blob_id for b in bs.blobs],
+                "tree": [_entry_json(p, n, nlink) for p, n in sorted_walk(root)],
+            }
+            with open(args.output_json, "w") as f:
+                json.dump(doc, f, indent=2)
+    finally:
+        if blobs is not None:
+            blobs.close()
+    print(f"RAFS v6 bootstrap {args.bootstrap}: {count} inodes, {len(bs.blobs)} blob(s) OK")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    bs = _load_bootstrap(args.bootstrap)
+    blobs = _blob_set(bs, args.blob, args.blob_dir)
+    has_data = any(i.is_reg and i.size for _, i in bs.walk())
+    if blobs is None and has_data:
+        raise RafsError("the image has file data: give --blob or --blob-dir")
+    tmp = args.output + ".tmp"
+    try:
+        root = tree_from_erofs(bs.erofs, _reader(blobs), markers=True)
+        with open(tmp, "wb") as out:
+            write_tar(root, out)
+        os.replace(tmp, args.output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        if blobs is not None:
+            blobs.close()
+    return 0
+
+
+def _reader(blobs: BlobSet | None) -> Any:
+    if blobs is None:
+        return None
+
+    def read(ino: Inode) -> bytes:
+        return blobs.read_file(ino)
+
+    return read
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = args.bootstrap_opt or args.bootstrap
+    if not path:
+        raise RafsError("give the bootstrap path")
+    bs = _load_bootstrap(path)
+    if args.request == "blobs":
+        doc: Any = [
+            {k: (v.hex() if isinstance(v, bytes) else v) for k, v in vars(b).items()} for b in bs.blobs
+        ]
+    elif args.request == "prefetch":
+        doc = bs.prefetch
+    else:
+        img: ErofsImage = bs.erofs
+        kinds: dict[str, int] = {}
+        for _, ino in bs.walk():
+            name = stat.filemode(ino.mode)[0]
+            kinds[name] = kinds.get(name, 0) + 1
+        doc = {
+            "version": 6,
+            "inodes": img.sb.inos,
+            "root_nid": img.sb.root_nid,
+            "meta_blkaddr": img.sb.meta_blkaddr,
+            "flags": hex(bs.ext.flags),
+            "compressor": bs.compressor,
+            "digester": bs.digester,
+            "chunk_size": hex(bs.ext.chunk_size),
+            "chunks": len(bs.chunks),
+            "blobs": [b.blob_id for b in bs.blobs],
+            "entry_kinds": kinds,
+        }
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"create": cmd_create, "check": cmd_check, "unpack": cmd_unpack, "inspect": cmd_inspect}
+    try:
+        return handlers[args.command](args)
+    except RafsError as exc:
+        print(f"nydus-image: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"nydus-image: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

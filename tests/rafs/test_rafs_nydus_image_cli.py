@@ -1,0 +1,108 @@
+"""`nydus-image` end to end: create (each compressor x digester) -> check -> unpack -> same tar."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from nydus_core.cli.nydus_image import main
+from nydus_core.rafs import DigestMismatch
+from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
+
+FIX = Path("/work/shared/fixtures/nydus")
+FIX_TAR = FIX / "tar" / "all-entry-type.tar"
+
+
+def tar_entries(path: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a tar says about each entry, file bytes as sha256; the root entry ignored."""
+    out: dict[str, tuple[object, ...]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            name = m.name.rstrip("/").removeprefix("./")
+            if name in ("", "."):
+                continue
+            data = hashlib.sha256(tf.extractfile(m).read()).hexdigest() if m.isreg() else None  # type: ignore[union-attr]
+            mode = 0o777 if m.issym() else m.mode
+            xattrs = {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+            out[name] = (m.type, mode, m.uid, m.gid, m.size if m.isreg() else 0, int(m.mtime), m.linkname,
+                         m.devmajor, m.devminor, xattrs, data)  # fmt: skip
+    return out
+
+
+def rich_tar(tmp: Path) -> Path:
+    big = bytes(range(256)) * 8192  # 2 MiB, repeats -> dedup within the file at 1 MiB chunks
+    path = tmp / "rich.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("big", big), ("copy", big), ("odd", b"z" * 12345), ("empty", b"")):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.uid = len(data), 1700000000, 1000
+            info.pax_headers = {"SCHILY.xattr.user.tag": name}
+            tf.addfile(info, __import__("io").BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("compressor", ["none", "lz4_block", "zstd"])
+@pytest.mark.parametrize("digester", ["blake3", "sha256"])
+@pytest.mark.parametrize("source", ["fixture", "rich"])
+def test_create_unpack_round_trip(tmp_path: Path, compressor: str, digester: str, source: str) -> None:
+    src = FIX_TAR if source == "fixture" else rich_tar(tmp_path)
+    boot, blobs, out = tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "out.tar"
+    blobs.mkdir()
+    assert main(["create", "--bootstrap", str(boot), "--blob-dir", str(blobs), "--compressor", compressor,
+                 "--digester", digester, "--fs-version", "6", str(src)]) == 0  # fmt: skip
+    (blob,) = blobs.iterdir()
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+    assert (
+        main(["check", "--bootstrap", str(boot), "--blob-dir", str(blobs), "-J", str(tmp_path / "c.json")])
+        == 0
+    )
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["blobs"] == [blob.name] and doc["compressor"] == compressor and doc["digester"] == digester
+    assert main(["unpack", "--bootstrap", str(boot), "--blob", str(blob), "--output", str(out)]) == 0
+    assert tar_entries(out) == tar_entries(src)
+    if source == "rich":
+        bs = Bootstrap.open(boot)
+        assert bs.blobs[0].chunk_count == 2, "both MiB of big and all of copy are one chunk; plus odd"
+
+
+def test_flipped_byte_in_our_blob_names_blob_and_chunk(tmp_path: Path) -> None:
+    boot, blob = tmp_path / "b.boot", tmp_path / "blob"
+    assert main(["create", "-B", str(boot), "-b", str(blob), "-c", "none", str(rich_tar(tmp_path))]) == 0
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    blob.write_bytes(bytes(data))
+    bs = Bootstrap.open(boot)
+    blob_id = bs.blobs[0].blob_id
+    with (
+        BlobSet(bs, {blob_id: str(blob)}) as s,
+        pytest.raises(DigestMismatch, match=f"blob {blob_id} chunk 0"),
+    ):
+        s.read_file(bs.erofs.lookup("big"))
+    assert main(["check", "-B", str(boot), "-b", str(blob)]) == 1
+
+
+def test_cli_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
+    boot = tmp_path / "b.boot"
+    boot.write_bytes((FIX / "bootstrap" / "rafs-v6-2.2.boot").read_bytes()[:8192])
+    r = subprocess.run([sys.executable, "-m", "nydus_core.cli.nydus_image", "check", "-B", str(boot)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1
+    assert (r.stderr.startswith("nydus-image: error:") and "blob table" in r.stderr) or "outside" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "nydus_core.cli.nydus_image", "unpack", "-B",
+                        str(FIX / "bootstrap" / "rafs-v6-2.2.boot"), "-o", str(tmp_path / "x.tar")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "give --blob" in r.stderr
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_inspect(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(FIX / "bootstrap" / "rafs-v6-2.2.boot")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["compressor"] == "zstd" and doc["chunks"] == 2 and doc["root_nid"] == 128
