@@ -20,6 +20,7 @@ Daemons are never stopped when the snapshotter exits (running containers read th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -85,12 +86,16 @@ class DaemonManager:
         self._lock = threading.Lock()  # guards the dicts below
         self._meta_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._shared_lock = threading.Lock()
+        self._recover_lock = threading.Lock()  # one dead daemon is handled by one thread
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
         self._daemons: dict[str, DaemonRecord] = {}
         self._instances: dict[str, Instance] = {}
         self._shared: DaemonRecord | None = None
 
     def close(self) -> None:
-        """Close the database. Daemons keep running on purpose."""
+        """Stop the liveness monitor and close the database. Daemons keep running on purpose."""
+        self.stop_liveness_monitor()
         self.store.close()
 
     # ------------------------------------------------------------------------------------
@@ -122,6 +127,8 @@ class DaemonManager:
         meta = image.meta_id
         with self._meta_lock(meta):
             existing = self.get_instance(meta)
+            if existing is not None:
+                existing = self._revive_if_dead(existing)
             if existing is not None:
                 return existing
             all_labels = {**image.labels, **labels}
@@ -191,18 +198,66 @@ class DaemonManager:
         """One sweep of the liveness check; dead daemons are handled per policy. Returns their ids."""
         dead = []
         for daemon in self.daemons():
-            with self._lock:
-                served = [i for i in self._instances.values() if i.daemon_id == daemon.id]
-            if not self._hook_alive(daemon):
+            if not self._hook_alive(daemon) and self._recover_dead(daemon, reason="liveness check failed"):
                 dead.append(daemon.id)
-                with self._lock:
-                    self._daemons.pop(daemon.id, None)
-                    for i in served:
-                        self._instances.pop(i.snapshot_id, None)
-                    if self._shared is not None and self._shared.id == daemon.id:
-                        self._shared = None
-                self._handle_dead(daemon, sorted(served, key=lambda i: i.seq), reason="liveness check failed")
         return dead
+
+    def start_liveness_monitor(self, interval: float = 5.0) -> None:
+        """Run `check_liveness` every `interval` seconds in a background thread until `close`.
+
+        Opt-in: whoever owns the process lifecycle starts it, so that a test or tool that only
+        inspects records never respawns daemons behind its back.
+        """
+        if self._monitor is not None:
+            return
+        self._monitor_stop.clear()
+
+        def run() -> None:
+            while not self._monitor_stop.wait(interval):
+                try:
+                    self.check_liveness()
+                except Exception:
+                    log.exception("liveness check failed")
+
+        self._monitor = threading.Thread(target=run, name="nydus-daemon-liveness", daemon=True)
+        self._monitor.start()
+
+    def stop_liveness_monitor(self) -> None:
+        if self._monitor is None:
+            return
+        self._monitor_stop.set()
+        self._monitor.join()
+        self._monitor = None
+
+    def _revive_if_dead(self, inst: Instance) -> Instance | None:
+        """The instance if its daemon serves (after recovering it if need be), else ``None``."""
+        daemon = self.daemon(inst.daemon_id)
+        if daemon is None or self._hook_alive(daemon):
+            return inst
+        self._recover_dead(daemon, reason=f"not serving when snapshot {inst.snapshot_id} was needed")
+        return self.get_instance(inst.snapshot_id)
+
+    def _recover_dead(self, daemon: DaemonRecord, *, reason: str) -> bool:
+        """Handle one daemon found dead; False when another thread had already dealt with it."""
+        shared = daemon.mode is DaemonMode.SHARED
+        # While the shared daemon is recovered nobody may start a second one on its mountpoint.
+        with self._recover_lock, self._shared_lock if shared else contextlib.nullcontext():
+            with self._lock:
+                if self._daemons.get(daemon.id) is not daemon:
+                    return False  # forgotten or replaced meanwhile
+            if self._hook_alive(daemon):
+                return False  # recovered by another thread meanwhile
+            with self._lock:
+                served = sorted(
+                    (i for i in self._instances.values() if i.daemon_id == daemon.id), key=lambda i: i.seq
+                )
+                self._daemons.pop(daemon.id, None)
+                for i in served:
+                    self._instances.pop(i.snapshot_id, None)
+                if self._shared is daemon:
+                    self._shared = None
+            self._handle_dead(daemon, served, reason=reason)
+            return True
 
     def _adopt(self, daemon: DaemonRecord, served: Sequence[Instance]) -> None:
         with self._lock:

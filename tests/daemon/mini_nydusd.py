@@ -71,7 +71,7 @@ class Daemon:
         subprocess.run(["mount", "--bind", str(src), str(dst)], check=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True)
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if self.shared:
             subprocess.run(
@@ -83,8 +83,8 @@ class Daemon:
             self.log(f"dedicated: device.id={config.get('device', {}).get('id')}")
             self.bind_ro(self.materialize(Path(self.args.bootstrap)), self.mountpoint)
         delay = float(os.environ.get("MINI_NYDUSD_READY_DELAY", "0") or 0)
-        if delay:
-            time.sleep(delay)
+        if delay and stop.wait(delay):
+            return  # SIGTERM while still starting
         self.state = "RUNNING"
         self.log("RUNNING")
 
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     daemon.log(f"listening on {sock}: {' '.join(argv)}")
     try:
-        daemon.start()
+        daemon.start(stop)
     except Exception as e:
         daemon.log(f"start failed: {e}")
         daemon.shutdown()

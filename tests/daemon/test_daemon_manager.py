@@ -534,3 +534,69 @@ def test_nydusd_command_line_needs_program(root: Path, make_config: MakeConfig) 
     )  # fmt: skip
     with pytest.raises(Exception, match="nydusd program 'no-such-nydusd-xyz' not found"):
         nydusd_hooks.command_line(daemon, None, config)
+
+
+def test_ensure_instance_revives_dead_daemon(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+) -> None:
+    mgr = DaemonManager(make_config("dedicated", recover_policy="restart"), pm)
+    image = make_image("151")
+    inst = mgr.ensure_instance(image, image.labels)
+    daemon = mgr.daemon(inst.daemon_id)
+    assert daemon is not None
+    old = daemon.pid
+    kill9(old)
+    again = mgr.ensure_instance(image, image.labels)
+    assert again.daemon_id == daemon.id and again.mountpoint == inst.mountpoint
+    d2 = mgr.daemon(daemon.id)
+    assert d2 is not None and d2.pid != old and pid_alive(d2.pid)
+    assert (again.mountpoint / "hello.txt").read_text() == "image 151\n"
+
+
+def test_dead_shared_daemon_forgotten_then_replaced(
+    root: Path,
+    make_config: MakeConfig,
+    make_image: MakeImage,
+    pm: pluggy.PluginManager,
+    events: EventRecorder,
+) -> None:
+    mgr = DaemonManager(make_config("shared", recover_policy="none"), pm)
+    a = make_image("161")
+    ia = mgr.ensure_instance(a, a.labels)
+    first = mgr.daemon(ia.daemon_id)
+    assert first is not None
+    kill9(first.pid)
+    ib = mgr.ensure_instance(a, a.labels)  # forgotten under "none": a new shared daemon serves it
+    assert ib.daemon_id != first.id
+    assert [d.id for d in mgr.daemons()] == [ib.daemon_id]
+    assert events.names(first.id)[-2:] == ["died", "stopped"]
+    assert (root / "mnt" / "161" / "hello.txt").read_text() == "image 161\n"
+    assert len(pids_mentioning(str(root / "socket"))) == 1
+
+
+def test_liveness_monitor_respawns(
+    root: Path,
+    make_config: MakeConfig,
+    make_image: MakeImage,
+    pm: pluggy.PluginManager,
+    events: EventRecorder,
+) -> None:
+    mgr = DaemonManager(make_config("shared", recover_policy="restart"), pm)
+    try:
+        image = make_image("171")
+        inst = mgr.ensure_instance(image, image.labels)
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None
+        old = daemon.pid
+        mgr.start_liveness_monitor(interval=0.1)
+        kill9(old)
+        deadline = time.monotonic() + 10
+        while "recovered" not in events.names(daemon.id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert events.names(daemon.id)[-2:] == ["died", "recovered"]
+        d2 = mgr.daemon(daemon.id)
+        assert d2 is not None and d2.pid != old
+        assert (inst.mountpoint / "hello.txt").read_text() == "image 171\n"
+    finally:
+        mgr.close()
+    assert mgr._monitor is None
