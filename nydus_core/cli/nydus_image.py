@@ -176,7 +176,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unpack_v5(args: argparse.Namespace) -> int:
+    from nydus_core.rafs.v5 import RafsV5, tree_from_v5
+
+    image = RafsV5.open(args.bootstrap)
+    blob_path = args.blob or (os.path.join(args.blob_dir, image.blob_ids[0]) if args.blob_dir else None)
+    if blob_path is None:
+        raise RafsError("give --blob or --blob-dir for the image's data")
+    tmp = args.output + ".tmp"
+    try:
+        with open(blob_path, "rb") as blob, open(tmp, "wb") as out:
+            write_tar(tree_from_v5(image, blob), out)
+        os.replace(tmp, args.output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return 0
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
+    with open(args.bootstrap, "rb") as f:
+        head = f.read(4096)
+    if detect_version(head) == 5:
+        return _unpack_v5(args)
     bs = _load_bootstrap(args.bootstrap)
     blobs = _blob_set(bs, args.blob, args.blob_dir)
     has_data = any(i.is_reg and i.size for _, i in bs.walk())
