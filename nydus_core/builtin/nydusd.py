@@ -23,7 +23,7 @@ from nydus_core.config import SnapshotterConfig
 from nydus_core.daemon.client import STATE_RUNNING, NydusdApiError, NydusdClient, NydusdUnreachable
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.daemon.mounts import umount_tree
-from nydus_core.errors import FailedPrecondition
+from nydus_core.errors import FailedPrecondition, Unavailable
 from nydus_core.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,18 @@ def wait_ready(daemon: DaemonRecord, timeout: float) -> bool:
     with NydusdClient(daemon.api_socket, timeout=max(1.0, min(timeout, 5.0))) as client:
         while True:
             try:
-                if client.state() == STATE_RUNNING:
+                info = client.daemon_info()
+                if info.state == STATE_RUNNING:
+                    daemon.version = str(info.version.get("package_ver", "")) or daemon.version
                     return True
             except NydusdUnreachable:
                 pass
-            if daemon.pid > 0 and daemon.pid in _children and _exited(daemon.pid):
-                log.error("daemon %s (pid %d) exited while starting; see %s", daemon.id, daemon.pid,
-                          daemon.log_dir)
-                return False
+            child = _children.get(daemon.pid)
+            if child is not None and _exited(daemon.pid):
+                raise Unavailable(
+                    f"daemon {daemon.id} ({daemon.program}, pid {daemon.pid}) exited with status "
+                    f"{child.returncode} before it was ready; see its log in {daemon.log_dir}"
+                )
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)

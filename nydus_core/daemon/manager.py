@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 from collections import defaultdict
@@ -133,6 +134,8 @@ class DaemonManager:
                 return existing
             all_labels = {**image.labels, **labels}
             snapshot_dir = self.root / "snapshots" / meta
+            if self.mode is not DaemonMode.NONE:
+                self._prepare_cache(image)
             if self.mode is DaemonMode.NONE:
                 inst = Instance(
                     snapshot_id=meta,
@@ -328,6 +331,23 @@ class DaemonManager:
             failover_policy=self.config.daemon.failover_policy,
         )
 
+    def _prepare_cache(self, image: ImageSource) -> None:
+        """Create the cache dir and copy the image's ``*.blob.meta`` files into it (as upstream does).
+
+        The meta layer tar carries them beside the bootstrap; with them in the cache a daemon
+        does not have to fetch blob metadata from the registry.
+        """
+        cache = Path(self.config.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        upper = self.root / "snapshots" / image.meta_id / "fs"
+        for folder in dict.fromkeys((image.bootstrap.parent, upper)):
+            for meta in folder.glob("*.blob.meta"):
+                target = cache / meta.name
+                if not target.exists():
+                    tmp = cache / f".{meta.name}.tmp"
+                    shutil.copyfile(meta, tmp)
+                    os.replace(tmp, target)
+
     def _write_config(self, path: Path, image: ImageSource, labels: Mapping[str, str]) -> None:
         doc = build_config(
             self.template,
@@ -457,6 +477,7 @@ class DaemonManager:
                 f"daemon {daemon.id} (pid {daemon.pid}, {daemon.program}) did not become ready within "
                 f"{self.ready_timeout:g}s; see its log in {daemon.log_dir}"
             )
+        self.store.save_daemon(daemon)  # the hook may have learnt the daemon's version
         self._event(daemon, "ready", {"pid": daemon.pid})
 
     def _hook_alive(self, daemon: DaemonRecord) -> bool:

@@ -600,3 +600,32 @@ def test_liveness_monitor_respawns(
     finally:
         mgr.close()
     assert mgr._monitor is None
+
+
+def test_daemon_exiting_at_start_is_reported_at_once(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+) -> None:
+    mgr = DaemonManager(make_config("dedicated"), pm, ready_timeout=30)
+    image = make_image("181")
+    image.bootstrap.write_text("not a bootstrap the mini daemon can read")
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match=r"exited with status 1 before it was ready; see its log in"):
+        mgr.ensure_instance(image, image.labels)
+    assert time.monotonic() - t0 < 10
+    assert mgr.store.list_daemons() == [] and mgr.get_instance("181") is None
+    assert not is_mounted(root / "snapshots" / "181" / "mnt")
+
+
+def test_blob_meta_copied_to_cache_and_version_recorded(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+) -> None:
+    mgr = DaemonManager(make_config("dedicated"), pm)
+    image = make_image("191")
+    blob_meta = image.bootstrap.parent / ("ab" * 32 + ".blob.meta")
+    blob_meta.write_bytes(b"\x01meta")
+    inst = mgr.ensure_instance(image, image.labels)
+    assert (root / "cache" / blob_meta.name).read_bytes() == b"\x01meta"
+    daemon = mgr.daemon(inst.daemon_id)
+    assert daemon is not None and daemon.version == "mini-0.1.0"
+    stored = mgr.store.get_daemon(daemon.id)
+    assert stored is not None and stored.version == "mini-0.1.0"
