@@ -75,7 +75,7 @@ def main() -> int:
     try:
         return run_demo(args.keep)
     except (ServiceError, OSError) as e:
-        print(f"demo FAILED (everything was torn down): {e}", file=sys.stderr)
+        print(f"demo FAILED (everything was torn down; --keep keeps the logs): {e}", file=sys.stderr)
         return 1
 
 
