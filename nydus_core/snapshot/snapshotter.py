@@ -299,8 +299,16 @@ class Snapshotter:
         rec = self.ms.get(key)
         usage = disk_usage(self.paths.upper(rec.id)) if rec.info.kind == Kind.ACTIVE else Usage()
         committed = self.ms.commit(key, name, usage, labels)
-        self.pm.hook.nydus_snapshot_committed(info=committed.info, remote=remote)
+        self._event("nydus_snapshot_committed", info=committed.info, remote=remote)
         return committed.info
+
+    def _event(self, name: str, **kwargs: object) -> None:
+        """Broadcast an event after the fact: a listener's failure is logged, never returned to
+        containerd (the operation it reports has already happened)."""
+        try:
+            getattr(self.pm.hook, name)(**kwargs)
+        except Exception:
+            log.exception("event hook %s failed", name)
 
     # ------------------------------------------------------------------ containerd operations
 
@@ -346,7 +354,7 @@ class Snapshotter:
                 self.images.release_unused(self.ms.ids())
             for dst in moved:
                 remove_tree(dst)
-        self.pm.hook.nydus_snapshot_removed(info=rec.info)
+        self._event("nydus_snapshot_removed", info=rec.info)
         return rec.info
 
     def stat(self, key: str) -> Info:

@@ -265,3 +265,21 @@ def test_image_mounts_use_the_instance_mountpoint(start_snapshotter: Any, short_
 def test_no_index_off_for_image_mounts() -> None:
     # upstream's mountRemote never adds index=off; guard the expectation above on this kernel
     assert OVERLAY_INDEX_PARAM.exists()
+
+
+def test_failing_event_listener_does_not_fail_the_operation(start_snapshotter: Any) -> None:
+    class Grumpy:
+        @hookimpl
+        def nydus_snapshot_committed(self, info: Info, remote: bool) -> None:
+            raise RuntimeError("listener bug")
+
+        @hookimpl
+        def nydus_snapshot_removed(self, info: Info) -> None:
+            raise RuntimeError("listener bug")
+
+    s = start_snapshotter(plugins=[Grumpy()])
+    prepare(s.stub, "a")
+    commit(s.stub, "c", "a")
+    assert stat(s.stub, "c").kind == pb.COMMITTED
+    remove(s.stub, "c")
+    expect_code(C.NOT_FOUND, lambda: stat(s.stub, "c"))
