@@ -65,12 +65,15 @@ class RunningSnapshotter:
         *,
         images: Any = AUTO,
         log_rpcs: bool = True,
+        liveness_interval: float | None = None,
     ) -> RunningSnapshotter:
         """Open everything and listen on ``config.address``.
 
         :param images: the image service: `AUTO` opens and recovers a `DaemonManager`, ``None``
             runs without one (plain OCI only), anything else is used as is (and not closed).
         :param log_rpcs: log every RPC at debug level (`nydus_core.cli.rpclog`).
+        :param liveness_interval: seconds between daemon liveness sweeps of an opened daemon
+            manager (dead daemons are handled per ``recover_policy``); ``None``: no sweeps.
         :raises StartupError: another process serves on the address, or it cannot be bound.
         """
         refuse_live_socket(Path(config.address))
@@ -97,6 +100,12 @@ class RunningSnapshotter:
                 images.close()
             raise
         running = cls(config, pm, snapshotter, server, images if owned else None)
+        if owned and images is not None and liveness_interval:
+            if hasattr(images, "start_liveness_monitor"):
+                images.start_liveness_monitor(liveness_interval)
+                log.info("daemon liveness checked every %gs", liveness_interval)
+            else:
+                log.warning("this daemon manager has no liveness monitor: dead daemons are found at restart")
         try:
             pm.hook.nydus_snapshotter_started(root=str(config.root), config=config)
         except Exception:

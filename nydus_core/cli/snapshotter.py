@@ -208,35 +208,14 @@ def _serve_until(
     for failed in pm.failed:
         log.error("plugin not loaded: %s", failed.error)
 
-    running = RunningSnapshotter.start(config, pm)
-    liveness: threading.Thread | None = None
+    running = RunningSnapshotter.start(config, pm, liveness_interval=LIVENESS_INTERVAL)
     try:
-        if running.images is not None and hasattr(running.images, "check_liveness"):
-            liveness = threading.Thread(
-                target=_liveness_loop, args=(running.images, stop), name="daemon-liveness", daemon=True
-            )
-            liveness.start()
         log.info("ready")
         stop.wait()
         log.info("received %s, stopping", received[0] if received else "stop request")
         return 0
     finally:
-        stop.set()
-        if liveness is not None:
-            liveness.join(1.0)
         running.stop()
-
-
-def _liveness_loop(images: Any, stop: threading.Event) -> None:
-    """Sweep daemon liveness until `stop`; dead daemons are handled by the manager's policy."""
-    while not stop.wait(LIVENESS_INTERVAL):
-        try:
-            dead = images.check_liveness()
-        except Exception:
-            log.exception("daemon liveness check failed")
-            continue
-        if dead:
-            log.warning("daemons found dead: %s", ", ".join(dead))
 
 
 def _replay_to_stderr(buffered: BufferedRecords) -> None:

@@ -12,9 +12,10 @@ Installed with nydus-core, so any test session gets these fixtures without a con
   plugins exactly as ``containerd-nydus-grpc`` would (daemon manager, metastore, socket, the
   started hook) and returns an `InProcessSnapshotter`, a gRPC client of the real socket with
   ``prepare/view/mounts/commit/remove/stat/list/usage/update/cleanup``. Calling it again on the
-  same root restarts the snapshotter (recovery tests). At teardown the servers are stopped, and
-  the daemons they left running (which a real stop keeps alive on purpose) are stopped through
-  `nydus_daemon_stop`.
+  same root restarts the snapshotter (recovery tests). Daemon liveness sweeps are off unless
+  ``liveness_interval=`` is given (the console script sweeps every 5 s). At teardown the
+  servers are stopped, and the daemons they left running (which a real stop keeps alive on
+  purpose) are stopped through `nydus_daemon_stop`.
 
 Fixtures for real services (docker-registry, containerd, test images) live in
 `nydus_core.testing.services`. A ten-line example is in ``docs/hooks.md``.
@@ -93,6 +94,7 @@ class SnapshotterFactory(Protocol):
         entry_points: bool = False,
         builtins: bool = True,
         images: Any = AUTO,
+        liveness_interval: float | None = None,
     ) -> InProcessSnapshotter: ...
 
 
@@ -152,6 +154,7 @@ def snapshotter(
         entry_points: bool = False,
         builtins: bool = True,
         images: Any = AUTO,
+        liveness_interval: float | None = None,
     ) -> InProcessSnapshotter:
         cfg = config or nydus_config
         for previous in started:
@@ -159,7 +162,8 @@ def snapshotter(
                 remember_daemons(previous)
                 previous.stop()
         pm = nydus_plugin_manager(*plugins, entry_points=entry_points, builtins=builtins)
-        client = InProcessSnapshotter(RunningSnapshotter.start(cfg, pm, images=images))
+        running = RunningSnapshotter.start(cfg, pm, images=images, liveness_interval=liveness_interval)
+        client = InProcessSnapshotter(running)
         started.append(client)
         client.wait_ready()
         return client

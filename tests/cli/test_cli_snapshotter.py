@@ -21,6 +21,7 @@ import pytest
 
 import nydus_core
 from nydus_core.snapshot import labels as L
+from nydus_core.snapshot.model import Mount
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import snapshotter_executable, unmount_below
 
@@ -370,22 +371,32 @@ def _pids_with(needle: str) -> list[int]:
     return pids
 
 
-def test_daemon_survives_snapshotter_stop_and_is_readopted(workdir: Path, procs: list[Snapshotter]) -> None:
-    if not MINI_NYDUSD.exists():
-        pytest.skip("tests/daemon/mini_nydusd.py (the daemon engineer's stand-in nydusd) is not there")
-    if os.geteuid() != 0:
-        pytest.skip("the stand-in daemon serves images with real mounts")
-    root, sock = workdir / "root", workdir / "s.sock"
-    wrapper = workdir / "mini-nydusd"
-    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {MINI_NYDUSD} "$@"\n')
-    wrapper.chmod(0o755)
-    args = ("--root", str(root), "--address", str(sock), "--nydusd-path", str(wrapper),
-            "--nydusd-config", str(workdir / "no-template.json"), "--log-level", "debug")  # fmt: skip
-    p = run(workdir, procs, *args)
-    p.wait_socket(sock)
-    daemons: list[int] = []
-    try:
-        with SnapshotterClient(sock) as client:
+class ImageSetup:
+    """A snapshotter subprocess serving one nydus image through the stand-in daemon."""
+
+    def __init__(self, workdir: Path, procs: list[Snapshotter]) -> None:
+        if not MINI_NYDUSD.exists():
+            pytest.skip("tests/daemon/mini_nydusd.py (the daemon engineer's stand-in nydusd) is not there")
+        if os.geteuid() != 0:
+            pytest.skip("the stand-in daemon serves images with real mounts")
+        self.workdir, self.procs = workdir, procs
+        self.root, self.sock = workdir / "root", workdir / "s.sock"
+        wrapper = workdir / "mini-nydusd"
+        wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {MINI_NYDUSD} "$@"\n')
+        wrapper.chmod(0o755)
+        self.args = (
+            "--root", str(self.root), "--address", str(self.sock), "--nydusd-path", str(wrapper),
+            "--nydusd-config", str(workdir / "no-template.json"), "--log-level", "debug",
+        )  # fmt: skip
+
+    def start(self) -> Snapshotter:
+        p = run(self.workdir, self.procs, *self.args)
+        p.wait_socket(self.sock)
+        return p
+
+    def serve_image(self) -> tuple[list[Mount], Path]:
+        """Commit a nydus meta layer, prepare a container on it; its mounts and the image dir."""
+        with SnapshotterClient(self.sock) as client:
             meta_labels = {L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: "docker.io/library/busybox:latest"}
             [bind] = client.prepare("meta-active", labels=meta_labels)
             boot = Path(bind.source) / "image" / "image.boot"
@@ -393,35 +404,84 @@ def test_daemon_survives_snapshotter_stop_and_is_readopted(workdir: Path, procs:
             boot.write_text(json.dumps({"files": {"etc/hello": "from the image\n"}}))
             client.commit("meta", "meta-active", labels=meta_labels)
             mounts = client.prepare("container", parent="meta")
-            assert mounts[0].type == "overlay"
-            lower = next(o for o in mounts[0].options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
-            assert (Path(lower.split(":")[0]) / "etc" / "hello").read_text() == "from the image\n"
+        assert mounts[0].type == "overlay"
+        lower = next(o for o in mounts[0].options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
+        image_dir = Path(lower.split(":")[0])
+        assert (image_dir / "etc" / "hello").read_text() == "from the image\n"
+        return mounts, image_dir
 
-        daemons = [pid for pid in _pids_with(str(MINI_NYDUSD)) if str(root).encode() in
-                   Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
-        assert len(daemons) == 1
-        # its own session: a signal to the snapshotter's process group does not reach it
-        assert os.getsid(daemons[0]) != os.getsid(p.proc.pid)
+    def daemons(self) -> list[int]:
+        return [pid for pid in _pids_with(str(MINI_NYDUSD)) if _mentions(pid, str(self.root))]
 
-        p.proc.send_signal(signal.SIGTERM)
-        assert p.wait(10) == 0
-        time.sleep(0.3)
-        os.kill(daemons[0], 0)  # still alive
-        assert (Path(lower.split(":")[0]) / "etc" / "hello").read_text() == "from the image\n"
-        assert "daemons left running: 1" in log_file(root).read_text()
-
-        # a new snapshotter re-adopts it instead of starting another one
-        p2 = run(workdir, procs, *args)
-        p2.wait_socket(sock)
-        assert "daemon manager open: 1 daemon(s) recovered" in log_file(root).read_text()
-        with SnapshotterClient(sock) as client:
-            assert client.mounts("container") == mounts
-        assert [pid for pid in _pids_with(str(MINI_NYDUSD)) if pid in daemons] == daemons
-        p2.stop()
-    finally:
-        for pid in daemons:
+    def kill_daemons(self) -> None:
+        pids = self.daemons()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in daemons):
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
             time.sleep(0.05)
+
+
+def _mentions(pid: int, needle: str) -> bool:
+    try:
+        return needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def image_setup(workdir: Path, procs: list[Snapshotter]) -> Iterator[ImageSetup]:
+    setup = ImageSetup(workdir, procs)
+    yield setup
+    for p in procs:
+        p.stop()
+    setup.kill_daemons()
+
+
+def test_daemon_survives_snapshotter_stop_and_is_readopted(image_setup: ImageSetup) -> None:
+    p = image_setup.start()
+    mounts, image_dir = image_setup.serve_image()
+    daemons = image_setup.daemons()
+    assert len(daemons) == 1
+    # its own session: a signal to the snapshotter's process group does not reach it
+    assert os.getsid(daemons[0]) != os.getsid(p.proc.pid)
+
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    time.sleep(0.3)
+    os.kill(daemons[0], 0)  # still alive
+    assert (image_dir / "etc" / "hello").read_text() == "from the image\n"
+    assert "daemons left running: 1" in log_file(image_setup.root).read_text()
+
+    # a new snapshotter re-adopts it instead of starting another one
+    image_setup.start()
+    assert "daemon manager open: 1 daemon(s) recovered" in log_file(image_setup.root).read_text()
+    with SnapshotterClient(image_setup.sock) as client:
+        assert client.mounts("container") == mounts
+    assert image_setup.daemons() == daemons
+
+
+def test_dead_daemon_is_respawned_by_the_liveness_sweep(image_setup: ImageSetup) -> None:
+    image_setup.start()
+    _mounts, image_dir = image_setup.serve_image()
+    [pid] = image_setup.daemons()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15  # one sweep every 5 s, plus the respawn
+    while time.monotonic() < deadline:
+        alive = [p for p in image_setup.daemons() if p != pid and Path(f"/proc/{p}").exists()]
+        if alive:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the killed daemon was not respawned: " + log_file(image_setup.root).read_text())
+    assert "daemon liveness checked every 5s" in log_file(image_setup.root).read_text()
+    wait_until = time.monotonic() + 10
+    while time.monotonic() < wait_until:
+        try:
+            if (image_dir / "etc" / "hello").read_text() == "from the image\n":
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    assert (image_dir / "etc" / "hello").read_text() == "from the image\n"
