@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import pytest
 
 from nydus_core.cli.lifecycle import AUTO, RunningSnapshotter
-from nydus_core.config import LogConfig, SnapshotterConfig, SystemConfig
+from nydus_core.config import DaemonConfig, LogConfig, SnapshotterConfig, SystemConfig
 from nydus_core.plugins import NydusPluginManager, build_plugin_manager
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import *  # noqa: F403
@@ -125,10 +125,15 @@ def snapshotter_root() -> Iterator[Path]:
 
 @pytest.fixture
 def nydus_config(snapshotter_root: Path) -> SnapshotterConfig:
-    """A configuration for `snapshotter_root`: socket inside it, log to stdout, defaults otherwise."""
+    """A configuration for `snapshotter_root`: socket inside it, log to stdout, defaults otherwise.
+
+    The nydusd template path points into the root (absent: the built-in template is used), so a
+    host's ``/etc/nydus/nydusd-config.json`` cannot change what a test sees.
+    """
     return SnapshotterConfig(
         root=snapshotter_root,
         address=snapshotter_root / "snapshotter.sock",
+        daemon=DaemonConfig(nydusd_config=snapshotter_root / "nydusd-config.json"),
         log=LogConfig(log_to_stdout=True, level="debug"),
         system=SystemConfig(enable=False, address=snapshotter_root / "system.sock"),
     )

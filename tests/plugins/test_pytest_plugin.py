@@ -179,3 +179,54 @@ def test_leaves_a_mount(snapshotter_root):
     root = marker.read_text()
     assert f" {root}/m " not in Path("/proc/self/mountinfo").read_text()
     assert not Path(root).exists()
+
+
+MINI_NYDUSD = REPO / "tests" / "daemon" / "mini_nydusd.py"
+
+DAEMON_TEST = """
+import json, os, sys
+from pathlib import Path
+
+import attrs
+from nydus_core.snapshot import labels as L
+
+
+def test_image_served_by_a_daemon(snapshotter, nydus_config, snapshotter_root):
+    wrapper = snapshotter_root / "mini-nydusd"
+    wrapper.write_text(f'#!/bin/sh\\nexec {sys.executable} {MINI!r} "$@"\\n')
+    wrapper.chmod(0o755)
+    config = attrs.evolve(nydus_config, daemon=attrs.evolve(nydus_config.daemon, nydusd_path=str(wrapper)))
+    client = snapshotter(config=config)
+    labels = {L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: "docker.io/library/busybox:latest"}
+    [bind] = client.prepare("meta-active", labels=labels)
+    boot = Path(bind.source) / "image" / "image.boot"
+    boot.parent.mkdir()
+    boot.write_text(json.dumps({"files": {"hello": "hi"}}))
+    client.commit("meta", "meta-active", labels=labels)
+    client.prepare("c1", parent="meta")
+    [daemon] = client.running.images.daemons()
+    os.kill(daemon.pid, 0)
+    Path(MARKER).write_text(str(daemon.pid))
+"""
+
+
+def test_snapshotter_fixture_stops_daemons_at_teardown(tmp_path: Path) -> None:
+    """A real stop leaves daemons running; the fixture's teardown must not leak them."""
+    if not MINI_NYDUSD.exists():
+        pytest.skip("tests/daemon/mini_nydusd.py (the stand-in nydusd) is not there")
+    if os.geteuid() != 0:
+        pytest.skip("the stand-in daemon serves images with real mounts")
+    marker = tmp_path / "pid"
+    (tmp_path / "test_daemon.py").write_text(
+        f"MINI = {str(MINI_NYDUSD)!r}\nMARKER = {str(marker)!r}\n" + DAEMON_TEST
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_daemon.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pid = int(marker.read_text())
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
