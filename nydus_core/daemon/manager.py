@@ -164,10 +164,11 @@ class DaemonManager:
             if inst.snapshot_id in live_snapshot_ids:
                 continue
             with self._meta_lock(inst.snapshot_id):
-                if self.get_instance(inst.snapshot_id) is None:
+                current = self.get_instance(inst.snapshot_id)  # it may have been revived meanwhile
+                if current is None:
                     continue
                 try:
-                    self._release(inst)
+                    self._release(current)
                 except Exception:
                     log.exception("releasing image instance of snapshot %s failed", inst.snapshot_id)
 
@@ -183,7 +184,13 @@ class DaemonManager:
                     self._instances[inst.snapshot_id] = inst
             return
         instances = self.store.list_instances()
-        for daemon in self.store.list_daemons():
+        daemons = self.store.list_daemons()
+        known = {d.id for d in daemons}
+        for orphan in (i for i in instances if i.daemon_id not in known):
+            log.warning("dropping the record of snapshot %s: its daemon %r is not recorded",
+                        orphan.snapshot_id, orphan.daemon_id)
+            self.store.delete_instance(orphan.snapshot_id)
+        for daemon in daemons:
             served = [i for i in instances if i.daemon_id == daemon.id]
             try:
                 alive = self._hook_alive(daemon)
