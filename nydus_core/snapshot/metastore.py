@@ -179,6 +179,8 @@ class MetaStore:
             raise InvalidArgument(
                 f"snapshot type {kind.name} invalid; only snapshots of type Active or View can be created"
             )
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
         with self._tx(write=True) as cur:
             parent_id: int | None = None
             if parent:
@@ -236,6 +238,8 @@ class MetaStore:
 
     def commit(self, key: str, name: str, usage: Usage, labels: dict[str, str] | None) -> Record:
         """Turn the Active `key` into the Committed `name`, keeping its id."""
+        if not name:
+            raise InvalidArgument(f"snapshot {key}: the committed name must not be empty")
         with self._tx(write=True) as cur:
             if self._row(cur, name) is not None:
                 raise AlreadyExists(f"committed snapshot {name}: already exists")

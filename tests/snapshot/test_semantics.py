@@ -147,6 +147,8 @@ def test_status_codes(served: Served) -> None:
     expect_code(C.INVALID_ARGUMENT, lambda: update(stub, "c", {}, ["parent"]))
     expect_code(C.INVALID_ARGUMENT, lambda: update(stub, "c", {}, ["name"]))
     expect_code(C.NOT_FOUND, lambda: update(stub, "nope", {}, ["labels"]))
+    expect_code(C.INVALID_ARGUMENT, lambda: prepare(stub, ""))
+    expect_code(C.INVALID_ARGUMENT, lambda: commit(stub, "", "a2"))
     # a failed call changed nothing
     assert stat(stub, "c").kind == pb.COMMITTED
     remove(stub, "child")
