@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,9 +40,10 @@ class RunningServer:
         self.address = address
 
     def stop(self, grace: float = 0.5) -> None:
-        """Stop serving; in-flight calls get at most min(grace, 0.9) s. Returns within a second."""
-        event = self.server.stop(min(max(grace, 0.0), 0.9))
-        event.wait(1.0)
+        """Stop serving; in-flight calls get at most min(grace, 0.8) s. Returns within a second."""
+        t0 = time.monotonic()
+        event = self.server.stop(min(max(grace, 0.0), 0.8))
+        event.wait(max(0.0, 0.95 - (time.monotonic() - t0)))
         try:
             if stat.S_ISSOCK(os.lstat(self.address).st_mode):
                 os.unlink(self.address)
