@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from nydus_core.rafs import RafsError
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, detect_version
+from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version
 from nydus_core.rafs.erofs import ErofsImage, Inode
 from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
-from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_to_paths
+from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_to_paths, merge_bootstraps
 
 
 def _chunk_size(text: str) -> int:
@@ -48,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fs-version", "-v", default="6", choices=["6"], help="RAFS version (only 6 is written)")
     c.add_argument("--whiteout-spec", "-W", default="oci", choices=list(WHITEOUT_SPECS))
     c.add_argument("--output-json", "-J", help="write a JSON summary of the build here")
+    c.add_argument("--prefetch-policy", "-P", default="none", choices=["fs", "blob", "none"],
+                   help="fs: read paths to prefetch from stdin, one per line")  # fmt: skip
+    c.add_argument("--blob-inline-meta", "--inline-bootstrap", action="store_true",
+                   help="also store the bootstrap inside the blob (ToC entry image.boot)")  # fmt: skip
+
+    m = sub.add_parser("merge", help="merge layer bootstraps (lowest first) into one image bootstrap")
+    m.add_argument("sources", nargs="+", help="layer bootstraps, or blobs with an inlined bootstrap")
+    m.add_argument("--bootstrap", "-B", required=True, help="output bootstrap path")
+    m.add_argument("--blob-digests", help="comma-separated layer digests to use as blob ids")
+    m.add_argument("--blob-sizes", help="comma-separated final blob sizes")
+    m.add_argument("--blob-toc-digests", help="comma-separated sha256 digests of the blobs' ToCs")
+    m.add_argument("--whiteout-spec", "-W", default="oci", choices=list(WHITEOUT_SPECS))
+    m.add_argument("--prefetch-policy", "-P", default="none", choices=["fs", "blob", "none"])
+    m.add_argument("--output-json", "-J", help="write a JSON summary here")
 
     k = sub.add_parser("check", help="validate a bootstrap (and its blobs' chunks when given)")
     k.add_argument("--bootstrap", "-B", required=True)
@@ -123,14 +137,57 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.blob and not args.blob_dir:
         raise RafsError("give --blob or --blob-dir for the data blob")
     root = tree_from_dir(src) if kind in ("dir-rafs", "directory") else tree_from_tar(src)
-    opts = BuildOptions(args.chunk_size, args.compressor, args.digester, args.whiteout_spec)
+    prefetch = _prefetch_paths(args.prefetch_policy)
+    opts = BuildOptions(args.chunk_size, args.compressor, args.digester, args.whiteout_spec,
+                        prefetch=prefetch, blob_inline_meta=args.blob_inline_meta)  # fmt: skip
     result = build_to_paths(root, args.bootstrap, args.blob, args.blob_dir, opts)
     summary = {
         "version": "6",
         "bootstrap": args.bootstrap,
-        "blobs": [result.blob.blob_id] if result.blob else [],
+        "blobs": [b.blob_id for b in result.blobs],
         "blob_size": result.blob.compressed_size if result.blob else 0,
     }
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0
+
+
+def _prefetch_paths(policy: str) -> list[str]:
+    """`--prefetch-policy fs` takes absolute paths on stdin, like upstream."""
+    if policy != "fs":
+        return []
+    return [line.strip() for line in sys.stdin if line.strip()]
+
+
+def _layer_bootstrap(path: str) -> Bootstrap:
+    with open(path, "rb") as f:
+        head = f.read(2048)
+        if len(head) >= 1028 and head[1024:1028] == b"\xe2\xe1\xf5\xe0":
+            f.seek(0)
+            return Bootstrap(f.read())
+        return Bootstrap(bootstrap_from_blob(f, path))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    def split(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",")] if text else None
+
+    sizes = split(args.blob_sizes)
+    result = merge_bootstraps(
+        [_layer_bootstrap(p) for p in args.sources],
+        whiteout_spec=args.whiteout_spec,
+        prefetch=_prefetch_paths(args.prefetch_policy),
+        blob_digests=split(args.blob_digests),
+        blob_sizes=[int(x) for x in sizes] if sizes else None,
+        blob_toc_digests=split(args.blob_toc_digests),
+    )
+    tmp = args.bootstrap + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write(result.bootstrap)
+    os.replace(tmp, args.bootstrap)
+    summary = {"version": "6", "bootstrap": args.bootstrap, "blobs": [b.blob_id for b in result.blobs]}
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
@@ -267,7 +324,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"create": cmd_create, "check": cmd_check, "unpack": cmd_unpack, "inspect": cmd_inspect}
+    handlers = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check, "unpack": cmd_unpack,
+                "inspect": cmd_inspect}  # fmt: skip
     try:
         return handlers[args.command](args)
     except RafsError as exc:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from nydus_core.rafs import RafsError
+from nydus_core.rafs.blob import BlobChunk
+from nydus_core.rafs.bootstrap import BlobEntry, Bootstrap
 from nydus_core.rafs.erofs import ErofsImage, Inode
 
 WHITEOUT_PREFIX = b".wh."
@@ -95,6 +97,15 @@ class FileContent:
         return io.BufferedReader(_Slice(f, self.offset, self.size))
 
 
+@dataclass(frozen=True)
+class StoredChunk:
+    """A chunk that already lives in a blob (a file taken from an existing bootstrap, e.g. by merge)."""
+
+    blob: BlobEntry
+    chunk: BlobChunk
+    digest: bytes
+
+
 @dataclass(eq=False)
 class Node:
     """An inode. Identity matters: the same Node under two names is a hardlink."""
@@ -114,6 +125,8 @@ class Node:
     # Layer markers (directories only): names this layer deletes, and whether it hides lower layers.
     whiteouts: dict[bytes, Node] = field(default_factory=dict)
     opaque: Node | None = None
+    # Regular files from an existing bootstrap: their chunks, so a writer can reference them as-is.
+    stored: tuple[StoredChunk, ...] | None = None
 
     @property
     def st_mode(self) -> int:
@@ -126,7 +139,7 @@ class Node:
     def copy_meta(self) -> Node:
         """Same attributes, no children, no markers (a fresh inode)."""
         return Node(self.kind, self.mode, self.uid, self.gid, self.mtime, self.mtime_nsec, dict(self.xattrs),
-                    self.size, self.link_target, self.rdev, self.content)  # fmt: skip
+                    self.size, self.link_target, self.rdev, self.content, stored=self.stored)  # fmt: skip
 
 
 def new_dir(mode: int = 0o755) -> Node:
@@ -401,7 +414,11 @@ class ReaderContent:
 
 
 def tree_from_erofs(
-    image: ErofsImage, read_file: Callable[[Inode], bytes] | None, *, markers: bool = True
+    image: ErofsImage,
+    read_file: Callable[[Inode], bytes] | None,
+    *,
+    markers: bool = True,
+    chunks_of: Callable[[Inode], tuple[StoredChunk, ...]] | None = None,
 ) -> Node:
     """A tree from an EROFS/RAFS image; `read_file` serves regular files lazily.
 
@@ -419,10 +436,10 @@ def tree_from_erofs(
                     ino.mtime_nsec, xattrs)  # fmt: skip
         if node.kind is Kind.REG:
             node.size = ino.size
-            if ino.size:
-                if read_file is None:
-                    raise RafsError("file data requested but no blobs were given")
+            if ino.size and read_file is not None:
                 node.content = ReaderContent(functools.partial(read_file, ino))
+            if ino.size and chunks_of is not None:
+                node.stored = chunks_of(ino)
         elif node.kind is Kind.SYMLINK:
             node.link_target = image.readlink(ino)
             node.size = len(node.link_target)
@@ -441,6 +458,24 @@ def tree_from_erofs(
         return node
 
     return make(image.root)
+
+
+def tree_from_bootstrap(bs: Bootstrap, read_file: Callable[[Inode], bytes] | None = None, *,
+                        markers: bool = True) -> Node:  # fmt: skip
+    """A RAFS v6 bootstrap as a tree whose files keep their chunk references (for merge)."""
+
+    def chunks_of(ino: Inode) -> tuple[StoredChunk, ...]:
+        out = []
+        for i, ref in enumerate(bs.file_chunks(ino)):
+            info = bs.chunk_info(ref, f"nid {ino.nid} chunk {i}")
+            blob = bs.blobs[ref.blob_index]
+            compressed = bool(info.flags & 1)
+            chunk = BlobChunk(info.index, info.compressed_offset, info.compressed_size,
+                              info.uncompressed_offset, info.uncompressed_size, compressed)  # fmt: skip
+            out.append(StoredChunk(blob, chunk, info.digest))
+        return tuple(out)
+
+    return tree_from_erofs(bs.erofs, read_file, markers=markers, chunks_of=chunks_of)
 
 
 def write_tar(root: Node, out: BinaryIO) -> None:

@@ -21,8 +21,8 @@ import hashlib
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from nydus_core.rafs import RafsError
@@ -37,6 +37,7 @@ from nydus_core.rafs.blob import (
     FEATURE_HAS_TAR_HEADER,
     FEATURE_HAS_TOC,
     FEATURE_INLINED_CHUNK_DIGEST,
+    FEATURE_INLINED_FS_META,
     TOC_FLAG_LZ4,
     TOC_FLAG_NONE,
     TOC_FLAG_ZSTD,
@@ -59,6 +60,7 @@ from nydus_core.rafs.bootstrap import (
     FLAG_HAS_XATTR,
     FLAG_INLINED_CHUNK_DIGEST,
     BlobEntry,
+    Bootstrap,
     ChunkInfo,
     ExtSuperblock,
 )
@@ -82,7 +84,7 @@ from nydus_core.rafs.erofs import (
     file_type_of,
     xattr_body,
 )
-from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node, sorted_walk
+from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node, merge_layers, sorted_walk, tree_from_bootstrap
 
 BLKSZ = 4096
 BLKBITS = 12
@@ -104,13 +106,15 @@ class BuildOptions:
     compressor: str = "zstd"
     digester: str = "blake3"
     whiteout_spec: str = "oci"
+    prefetch: list[str] = field(default_factory=list)  # paths whose nids go to the prefetch table
+    blob_inline_meta: bool = False  # also store the bootstrap in the blob (`image.boot` ToC entry)
 
     def validate(self) -> None:
         cs = self.chunk_size
         if cs < 4096 or cs > 16 << 20 or cs & (cs - 1):
             raise RafsError(f"chunk size {cs:#x} must be a power of two between 4 KiB and 16 MiB")
-        if self.compressor not in ("none", "lz4_block", "zstd"):
-            raise RafsError(f"unsupported compressor {self.compressor!r} (none, lz4_block, zstd)")
+        if self.compressor not in COMPRESSOR_NAMES:
+            raise RafsError(f"unknown compressor {self.compressor!r} (none, lz4_block, zstd)")
         if self.digester not in DIGESTER_NAMES:
             raise RafsError(f"unsupported digester {self.digester!r} (blake3, sha256)")
         if self.whiteout_spec not in WHITEOUT_SPECS:
@@ -165,8 +169,14 @@ class BlobWriter:
         self._dedup[key] = chunk
         return chunk
 
-    def finish(self, chunk_size: int) -> BlobEntry:
-        """Write the trailing sections; returns the blob-table entry (blob id = sha256 of the file)."""
+    def finish(
+        self, chunk_size: int, inline_bootstrap: Callable[[BlobEntry], bytes] | None = None
+    ) -> BlobEntry:
+        """Write the trailing sections; returns the blob-table entry.
+
+        The blob id is the sha256 of the whole file, or, with an inlined bootstrap (which must
+        name the blob before the blob is complete), of everything before the `image.boot` section.
+        """
         if self.compressor == COMPRESSOR_NONE:
             self._write(b"\0" * (self.uoff - self.coff))  # the device covers whole blocks
         data_size = self.coff
@@ -200,28 +210,43 @@ class BlobWriter:
         toc.append(TocEntry(TOC_FLAG_NONE, b"blob.digest", hashlib.sha256(digests).digest(), dig_off,
                             len(digests), len(digests)))  # fmt: skip
 
-        toc_raw = b"".join(e.pack() for e in toc)
-        toc_hdr = tar_header(b"rafs.blob.toc", len(toc_raw))
-        self._write(toc_raw)
-        self._write(toc_hdr)
-        self.f.flush()
-        self.entry = BlobEntry(
+        entry = BlobEntry(
             blob_id=self._hasher.hexdigest(),
             chunk_size=chunk_size,
             chunk_count=len(self.chunks),
             compression_algo=self.compressor,
             digest_algo=self.digester,
-            features=features,
+            features=features | (FEATURE_INLINED_FS_META if inline_bootstrap else 0),
             compressed_size=self.coff,
             uncompressed_size=self.uoff,
-            blob_toc_size=len(toc_raw) + len(toc_hdr),
             ci_compressor=ci_code,
             ci_offset=ci_offset,
             ci_compressed_size=len(ci_comp),
             ci_uncompressed_size=len(ci_raw),
-            blob_toc_digest=hashlib.sha256(toc_raw + toc_hdr).digest(),
         )
-        return self.entry
+        if inline_bootstrap is not None:
+            # The inlined copy cannot know the final size or ToC digest of the blob that holds it;
+            # upstream has the same limitation and `merge --blob-sizes/--blob-toc-digests` fixes it.
+            boot = inline_bootstrap(replace(entry))
+            packed = compress(COMPRESSOR_ZSTD, boot)
+            boot_off = self.coff
+            self._write(packed)
+            self._write(tar_header(b"image.boot", len(packed)))
+            toc.append(TocEntry(TOC_FLAG_ZSTD, b"image.boot", hashlib.sha256(boot).digest(), boot_off,
+                                len(packed), len(boot)))  # fmt: skip
+
+        toc_raw = b"".join(e.pack() for e in toc)
+        toc_hdr = tar_header(b"rafs.blob.toc", len(toc_raw))
+        self._write(toc_raw)
+        self._write(toc_hdr)
+        self.f.flush()
+        entry.compressed_size = self.coff
+        entry.blob_toc_size = len(toc_raw) + len(toc_hdr)
+        entry.blob_toc_digest = hashlib.sha256(toc_raw + toc_hdr).digest()
+        if inline_bootstrap is None:
+            entry.blob_id = self._hasher.hexdigest()  # sha256 of the whole file
+        self.entry = entry
+        return entry
 
 
 def _read_chunks(node: Node, chunk_size: int) -> Iterator[bytes]:
@@ -259,6 +284,7 @@ class _WInode:
     blkaddr: int = 0
     nlink: int = 1
     parent: _WInode | None = None
+    path: bytes = b""
 
 
 def _dir_blocks(names: list[tuple[bytes, int, int]]) -> bytes:
@@ -295,13 +321,16 @@ class BootstrapBuilder:
     """Lays out and serialises the EROFS/RAFS v6 metadata for a tree whose chunks are written."""
 
     def __init__(self, root: Node, blobs: list[BlobEntry], chunk_size: int, whiteout_spec: str,
-                 file_chunks: dict[int, list[tuple[int, _Chunk]]]) -> None:  # fmt: skip
+                 file_chunks: dict[int, list[tuple[int, _Chunk]]],
+                 prefetch: list[str] | None = None) -> None:  # fmt: skip
         self.root = root
         self.blobs = blobs
         self.chunk_size = chunk_size
         self.whiteout_spec = whiteout_spec
         self.file_chunks = file_chunks
+        self.prefetch = [p.encode() if isinstance(p, str) else p for p in prefetch or []]
         self.inodes: list[_WInode] = []
+        self.by_path: dict[bytes, _WInode] = {}
 
     # Which entries a directory shows, markers translated per the whiteout spec.
     def _entries(self, node: Node) -> tuple[list[tuple[bytes, Node]], dict[bytes, bytes]]:
@@ -324,6 +353,7 @@ class BootstrapBuilder:
         seen: dict[int, _WInode] = {}
         root_w = _WInode(self.root, self.root.st_mode)
         seen[id(self.root)] = root_w
+        self.by_path[b""] = root_w
         queue = deque([root_w])
         self.inodes.append(root_w)
         while queue:
@@ -334,6 +364,8 @@ class BootstrapBuilder:
                 cw = seen.get(id(child))
                 if cw is None:
                     cw = _WInode(child, child.st_mode, xattrs=xattr_body(child.xattrs), parent=w)
+                    cw.path = w.path + b"/" + name if w.path else name
+                    self.by_path[cw.path] = cw
                     seen[id(child)] = cw
                     self.inodes.append(cw)
                     if child.is_dir:
@@ -364,9 +396,13 @@ class BootstrapBuilder:
         slots_end = DEVT_SLOTOFF * DEVICE_SLOT_SIZE + nblobs * DEVICE_SLOT_SIZE
         blob_table_off = _align(max(slots_end, BLKSZ), BLKSZ)
         prefetch_off = blob_table_off + nblobs * BLOB_ENTRY_SIZE
-        root_off = _align(prefetch_off, BLKSZ)
-        if root_off == prefetch_off and nblobs == 0:
-            root_off = blob_table_off
+        prefetch = []
+        for want in self.prefetch:
+            w = self.by_path.get(want.strip(b"/"))
+            if w is None:
+                raise RafsError(f"prefetch path {want.decode(errors='replace')} is not in the image")
+            prefetch.append(w)
+        root_off = _align(prefetch_off + 4 * len(prefetch), BLKSZ)
         meta_blkaddr = root_off // BLKSZ - 1
 
         # Pass 1: inode positions (nids), inline decisions; full data blocks deferred.
@@ -480,7 +516,9 @@ class BootstrapBuilder:
         dig = self.blobs[0].digest_algo if self.blobs else DIGESTER_NAMES["blake3"]
         flags |= COMPRESSION_FLAGS[comp] | DIGEST_FLAGS[dig]
         ext = ExtSuperblock(flags, blob_table_off, nblobs * BLOB_ENTRY_SIZE, self.chunk_size, chunk_table_off,
-                            len(chunk_table), prefetch_off, 0)  # fmt: skip
+                            len(chunk_table), prefetch_off, 4 * len(prefetch))  # fmt: skip
+        table = struct.pack(f"<{len(prefetch)}I", *(w.nid for w in prefetch))
+        out[prefetch_off : prefetch_off + len(table)] = table
         mapped = _align(total, SEG_ALIGN) // BLKSZ
         slots = []
         for i, b in enumerate(self.blobs):
@@ -513,35 +551,65 @@ class BootstrapBuilder:
 @dataclass
 class BuildResult:
     bootstrap: bytes
-    blob: BlobEntry | None
+    blob: BlobEntry | None  # the blob this build wrote, if any
+    blobs: list[BlobEntry] = field(default_factory=list)  # the bootstrap's whole blob table
 
 
 def build(root: Node, blob_out: BinaryIO | None, options: BuildOptions | None = None) -> BuildResult:
-    """Write the tree's file data into `blob_out` and return the bootstrap (and the blob entry).
+    """Write the tree's new file data into `blob_out` and return the bootstrap.
 
-    With no regular-file data the blob is left empty and the bootstrap has no blob table entry.
+    Files that carry `stored` chunks (taken from existing bootstraps, e.g. by merge) are referenced
+    where they are; their blobs join the blob table in first-use order, the new blob goes last.
+    With no new file data nothing is written to `blob_out`.
     """
     opts = options or BuildOptions()
     opts.validate()
     writer = BlobWriter(blob_out, opts.compressor, opts.digester) if blob_out is not None else None
-    file_chunks: dict[int, list[tuple[int, _Chunk]]] = {}
-    done: set[int] = set()
     order: list[Node] = []
+    done: set[int] = set()
     for _, node in sorted_walk(root):  # deterministic: by path
         if node.kind is Kind.REG and id(node) not in done:
             done.add(id(node))
             order.append(node)
+    blob_index: dict[str, int] = {}
+    blobs: list[BlobEntry] = []
+    file_chunks: dict[int, list[tuple[int, _Chunk]]] = {}
+    fresh: list[Node] = []
     for node in order:
         if node.size == 0:
             continue
+        if node.stored is None:
+            fresh.append(node)
+            continue
+        refs = []
+        for sc in node.stored:
+            if sc.blob.chunk_size != opts.chunk_size:
+                raise RafsError(f"blob {sc.blob.blob_id} uses chunk size {sc.blob.chunk_size:#x}, "
+                                f"this image {opts.chunk_size:#x}; layers must agree")  # fmt: skip
+            bi = blob_index.get(sc.blob.blob_id)
+            if bi is None:
+                bi = blob_index[sc.blob.blob_id] = len(blobs)
+                blobs.append(replace(sc.blob, blob_index=bi))
+            refs.append((bi, _Chunk(sc.chunk, sc.digest)))
+        file_chunks[id(node)] = refs
+    new_index = len(blobs)
+    for node in fresh:
         if writer is None:
-            raise RafsError("the tree has file data but no blob output was given")
-        file_chunks[id(node)] = [(0, writer.add(piece)) for piece in _read_chunks(node, opts.chunk_size)]
-    blobs: list[BlobEntry] = []
+            raise RafsError("the tree has new file data but no blob output was given")
+        file_chunks[id(node)] = [
+            (new_index, writer.add(piece)) for piece in _read_chunks(node, opts.chunk_size)
+        ]
+
+    def bootstrap_for(table: list[BlobEntry]) -> bytes:
+        return BootstrapBuilder(root, table, opts.chunk_size, opts.whiteout_spec, file_chunks,
+                                opts.prefetch).build()  # fmt: skip
+
+    new_blob: BlobEntry | None = None
     if writer is not None and writer.chunks:
-        blobs.append(writer.finish(opts.chunk_size))
-    boot = BootstrapBuilder(root, blobs, opts.chunk_size, opts.whiteout_spec, file_chunks).build()
-    return BuildResult(boot, blobs[0] if blobs else None)
+        inline = (lambda e: bootstrap_for([*blobs, e])) if opts.blob_inline_meta else None
+        new_blob = writer.finish(opts.chunk_size, inline)
+        blobs.append(new_blob)
+    return BuildResult(bootstrap_for(blobs), new_blob, blobs)
 
 
 def build_to_paths(root: Node, bootstrap_path: str, blob_path: str | None, blob_dir: str | None,
@@ -563,3 +631,61 @@ def build_to_paths(root: Node, bootstrap_path: str, blob_path: str | None, blob_
         f.write(result.bootstrap)
     os.replace(tmp, bootstrap_path)
     return result
+
+
+def merge_bootstraps(
+    layers: list[Bootstrap],
+    *,
+    whiteout_spec: str = "oci",
+    prefetch: list[str] | None = None,
+    blob_digests: list[str] | None = None,
+    blob_sizes: list[int] | None = None,
+    blob_toc_digests: list[str] | None = None,
+) -> BuildResult:
+    """`nydus-image merge`: layer bootstraps (lowest first) -> one image bootstrap, no data copied.
+
+    OCI whiteouts of each layer are applied; every layer's blob stays a blob-table entry. The
+    optional lists (one item per layer, each layer having exactly one blob) replace blob ids with
+    the OCI layer digests, and fill in the final blob sizes / ToC digests an inlined bootstrap
+    could not know.
+    """
+    if not layers:
+        raise RafsError("merge needs at least one layer bootstrap")
+    for name, values in (("--blob-digests", blob_digests), ("--blob-sizes", blob_sizes),
+                         ("--blob-toc-digests", blob_toc_digests)):  # fmt: skip
+        if values is not None and len(values) != len(layers):
+            raise RafsError(f"{name} has {len(values)} items for {len(layers)} layers")
+    chunk_size = layers[0].ext.chunk_size
+    for i, bs in enumerate(layers):
+        if bs.ext.chunk_size != chunk_size:
+            raise RafsError(f"layer {i} uses chunk size {bs.ext.chunk_size:#x}, layer 0 {chunk_size:#x}")
+        if any(v is not None for v in (blob_digests, blob_sizes, blob_toc_digests)) and len(bs.blobs) > 1:
+            raise RafsError(f"layer {i} has {len(bs.blobs)} blobs; per-layer blob options need exactly one")
+        for blob in bs.blobs:
+            if blob_digests is not None:
+                digest_hex = blob_digests[i].removeprefix("sha256:")
+                if len(digest_hex) != 64:
+                    raise RafsError(f"blob digest {blob_digests[i]!r} is not a sha256 digest")
+                blob.blob_id = digest_hex
+            if blob_sizes is not None:
+                blob.compressed_size = blob_sizes[i]
+            if blob_toc_digests is not None:
+                blob.blob_toc_digest = bytes.fromhex(blob_toc_digests[i].removeprefix("sha256:"))
+    trees = [tree_from_bootstrap(bs, markers=True) for bs in layers]
+    merged = merge_layers(trees)
+    first = next((b for bs in layers for b in bs.blobs), None)
+    opts = BuildOptions(
+        chunk_size=chunk_size,
+        compressor=_name_of(COMPRESSOR_NAMES, first.compression_algo) if first else "none",
+        digester=_name_of(DIGESTER_NAMES, first.digest_algo) if first else "blake3",
+        whiteout_spec=whiteout_spec,
+        prefetch=prefetch or [],
+    )
+    return build(merged, None, opts)
+
+
+def _name_of(table: dict[str, int], code: int) -> str:
+    for name, value in table.items():
+        if value == code:
+            return name
+    raise RafsError(f"unknown algorithm code {code}")
