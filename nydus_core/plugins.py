@@ -35,12 +35,26 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
 
 from nydus_core import hookspecs
+
+if TYPE_CHECKING:
+    from nydus_core.config import SnapshotterConfig
+    from nydus_core.daemon.model import DaemonRecord, Instance
+    from nydus_core.remote.credentials import Credentials
+    from nydus_core.snapshot.model import (
+        ChainEntry,
+        ImageSource,
+        Info,
+        Layer,
+        LayerClaim,
+        Mount,
+        MountRequest,
+    )
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger(__name__ + ".trace")
@@ -99,6 +113,7 @@ class NydusPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.origins: dict[str, PluginInfo] = {}
         self.failed: list[FailedPlugin] = []
+        self.typed = TypedHooks(self)
 
     def register_with_origin(
         self,
@@ -134,6 +149,77 @@ class NydusPluginManager(pluggy.PluginManager):
             name=registered, origin=origin, distribution=distribution, version=version
         )
         return registered
+
+
+class TypedHooks:
+    """One typed method per hook (tox 4 style), so call sites are checked by mypy.
+
+    ``pm.typed.claim_layer(layer=..., config=...)`` is ``pm.hook.nydus_claim_layer(...)`` with the
+    argument and return types of `nydus_core.hookspecs`; `tests/plugins` checks that every
+    hookspec has its method with the same parameters.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._hook = pm.hook
+
+    # image detection
+    def claim_layer(self, *, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
+        return self._hook.nydus_claim_layer(layer=layer, config=config)
+
+    def find_image(
+        self, *, key: str, chain: Sequence[ChainEntry], config: SnapshotterConfig
+    ) -> ImageSource | None:
+        return self._hook.nydus_find_image(key=key, chain=chain, config=config)
+
+    # mount production
+    def mounts(self, *, request: MountRequest, config: SnapshotterConfig) -> list[Mount] | None:
+        return self._hook.nydus_mounts(request=request, config=config)
+
+    # daemon lifecycle
+    def daemon_start(
+        self, *, daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig
+    ) -> int | None:
+        return self._hook.nydus_daemon_start(daemon=daemon, instance=instance, config=config)
+
+    def daemon_wait_ready(self, *, daemon: DaemonRecord, timeout: float) -> bool | None:
+        return self._hook.nydus_daemon_wait_ready(daemon=daemon, timeout=timeout)
+
+    def instance_attach(self, *, daemon: DaemonRecord, instance: Instance) -> bool | None:
+        return self._hook.nydus_instance_attach(daemon=daemon, instance=instance)
+
+    def instance_detach(self, *, daemon: DaemonRecord, instance: Instance) -> bool | None:
+        return self._hook.nydus_instance_detach(daemon=daemon, instance=instance)
+
+    def daemon_alive(self, *, daemon: DaemonRecord) -> bool | None:
+        return self._hook.nydus_daemon_alive(daemon=daemon)
+
+    def daemon_stop(self, *, daemon: DaemonRecord) -> bool | None:
+        return self._hook.nydus_daemon_stop(daemon=daemon)
+
+    def daemon_recover(
+        self, *, daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig
+    ) -> bool | None:
+        return self._hook.nydus_daemon_recover(daemon=daemon, instances=instances, config=config)
+
+    # events
+    def snapshotter_started(self, *, root: str, config: SnapshotterConfig) -> None:
+        self._hook.nydus_snapshotter_started(root=root, config=config)
+
+    def snapshotter_stopping(self, *, root: str) -> None:
+        self._hook.nydus_snapshotter_stopping(root=root)
+
+    def snapshot_committed(self, *, info: Info, remote: bool) -> None:
+        self._hook.nydus_snapshot_committed(info=info, remote=remote)
+
+    def snapshot_removed(self, *, info: Info) -> None:
+        self._hook.nydus_snapshot_removed(info=info)
+
+    def daemon_event(self, *, daemon: DaemonRecord, event: str, detail: Mapping[str, Any]) -> None:
+        self._hook.nydus_daemon_event(daemon=daemon, event=event, detail=detail)
+
+    # credentials
+    def credentials(self, *, host: str, ref: str, labels: Mapping[str, str]) -> Credentials | None:
+        return self._hook.nydus_credentials(host=host, ref=ref, labels=labels)
 
 
 def build_plugin_manager(

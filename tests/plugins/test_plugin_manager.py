@@ -285,3 +285,55 @@ def test_redact() -> None:
     assert redact({"a": "1", "auth-token": "zzz"}) == "{'a': '1', 'auth-token': '<hidden>'}"
     assert redact({"Password": "p"}) == "{'Password': '<hidden>'}"
     assert len(redact("x" * 5000)) == 400
+
+
+def _spec_params(hook: str) -> list[str]:
+    import inspect
+
+    from nydus_core import hookspecs
+
+    return list(inspect.signature(getattr(hookspecs, hook)).parameters)
+
+
+def _hook_names() -> list[str]:
+    from nydus_core import hookspecs
+
+    return sorted(
+        n
+        for n in dir(hookspecs)
+        if n.startswith("nydus_") and hasattr(getattr(hookspecs, n), "nydus_core_spec")
+    )
+
+
+@pytest.mark.parametrize("hook", _hook_names())
+def test_typed_hooks_cover_every_hookspec(hook: str) -> None:
+    """`pm.typed.<name>` exists for every hook, with the spec's parameters, and calls through."""
+    import inspect
+    import types
+
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def record(*args: object) -> str:
+        calls.append((hook, dict(zip(_spec_params(hook), args, strict=True))))
+        return f"answer of {hook}"
+
+    # pluggy reads the argument names from the code object, so the implementation is compiled
+    # with exactly the spec's parameter names.
+    params_src = ", ".join(_spec_params(hook))
+    namespace: dict[str, object] = {"record": record}
+    exec(f"def impl({params_src}):\n    return record({params_src})\n", namespace)
+    impl = namespace["impl"]
+    plugin = types.ModuleType("recorder")
+    plugin.impl = hookimpl(specname=hook)(impl)  # type: ignore[attr-defined,arg-type]
+    pm = build_plugin_manager([plugin], entry_points=False, builtins=False, env={})
+
+    method = getattr(pm.typed, hook.removeprefix("nydus_"))
+    params = [p for p in inspect.signature(method).parameters]
+    assert params == _spec_params(hook)
+    args = {p: f"value of {p}" for p in params}
+    result = method(**args)
+    assert calls == [(hook, args)]
+    from nydus_core import hookspecs
+
+    firstresult = getattr(hookspecs, hook).nydus_core_spec["firstresult"]
+    assert result == (f"answer of {hook}" if firstresult else None)
