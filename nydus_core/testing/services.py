@@ -388,6 +388,21 @@ class Containerd:
         self._namespaces.add(ns)
         return (("containerd-namespace", ns),)
 
+    def wait_until_reachable(self, snapshotter: str, key: str, namespace: str | None = None,
+                             timeout: float = 15.0) -> None:
+        """Wait until containerd reaches a (restarted) proxy snapshotter again.
+
+        containerd re-dials a proxy plugin with exponential backoff (capped at 3 s in 1.6), so for
+        a moment after the snapshotter restarts every call through containerd fails with
+        ``unavailable`` although the new process is serving. ``ctr snapshots info`` on an existing
+        `key` is answered by the backend's Stat, so it succeeds only once the link is back.
+        """
+        def reachable() -> bool:
+            return self.ctr("snapshots", "--snapshotter", snapshotter, "info", key,
+                            namespace=namespace, check=False, timeout=30).returncode == 0
+
+        wait_until(reachable, timeout, f"containerd to reach snapshotter {snapshotter!r} again", interval=0.2)
+
     def gc(self, namespace: str | None = None) -> None:
         """Run containerd's garbage collector now and wait for it.
 

@@ -86,12 +86,14 @@ def test_run_after_snapshotter_kill9_and_restart(
     finally:
         nydus_snapshotter.restart()
     assert nydus_snapshotter.pid != old_pid
+    layers = committed_snapshots(containerd, ns)
+    assert len(layers) == 3
+    containerd.wait_until_reachable("nydus", layers[0], namespace=ns)
     assert snapshot_dirs(nydus_snapshotter) == before
 
     out = containerd.ctr("run", "--rm", "--snapshotter", "nydus", busybox_image, "after-kill",
                          "/bin/sh", "-c", SHOW_LAYERS, namespace=ns).stdout
     assert out.splitlines() == EXPECTED
-    assert len(committed_snapshots(containerd, ns)) == 3
 
 
 def test_image_rm_and_gc_leave_no_snapshot_dirs(
