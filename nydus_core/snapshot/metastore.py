@@ -225,6 +225,25 @@ class MetaStore:
                 raise FailedPrecondition(f"requested snapshot {key} not active or view")
             return Snapshot(id=str(sid), kind=Kind(kind), parent_ids=self._parent_ids(cur, parent_id))
 
+    def resolve(self, key: str) -> tuple[Snapshot, dict[str, str], list[ChainLink]]:
+        """Everything Mounts needs in one transaction: the Active/View snapshot, its labels and
+        its committed ancestors (nearest first). A committed `key` is a failed precondition."""
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT id, kind, parent_id, labels FROM snapshots WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"snapshot {key}: not found")
+            sid, kind, parent_id, labels = row
+            if kind not in (Kind.ACTIVE, Kind.VIEW):
+                raise FailedPrecondition(f"requested snapshot {key} not active or view")
+            links: list[ChainLink] = []
+            if parent_id is not None:
+                rows = cur.execute(_CHAIN_SQL, (parent_id,)).fetchall()
+                links = [ChainLink(str(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
+        snap = Snapshot(id=str(sid), kind=Kind(kind), parent_ids=tuple(link.id for link in links))
+        return snap, json.loads(labels), links
+
     def chain(self, key: str) -> list[ChainLink]:
         """The committed ancestors of `key`, nearest parent first (empty without a parent)."""
         with self._tx() as cur:

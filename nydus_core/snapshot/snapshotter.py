@@ -38,7 +38,7 @@ from nydus_core.daemon.model import Instance
 from nydus_core.errors import AlreadyExists, FailedPrecondition, SnapshotterError
 from nydus_core.snapshot import filters
 from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.metastore import MetaStore, Record
+from nydus_core.snapshot.metastore import ChainLink, MetaStore, Record
 from nydus_core.snapshot.model import (
     ChainEntry,
     ImageSource,
@@ -168,6 +168,7 @@ class Snapshotter:
         # Temp directories of Prepares in flight: cleanup must not delete them.
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
+        self._uppers: dict[str, Path] = {}
         self._recover_removals()
 
     # ------------------------------------------------------------------ helpers
@@ -181,26 +182,45 @@ class Snapshotter:
                     os.rename(entry.path, self.snapshots_dir / sid)
                     log.warning("restored snapshots/%s: its removal never committed", sid)
 
+    def _upper(self, sid: str) -> Path:
+        """``snapshots/<id>/fs``, memoised: building Paths part by part is a visible cost on the
+        Mounts hot path, and ids are never reused for another directory."""
+        path = self._uppers.get(sid)
+        if path is None:
+            if len(self._uppers) > 65536:
+                self._uppers.clear()
+            path = self._uppers[sid] = Path(f"{self.snapshots_dir}/{sid}/fs")
+        return path
+
     def _request(self, key: str, snap: Snapshot, labels: dict[str, str]) -> MountRequest:
+        upper = self._upper(snap.id)
         return MountRequest(
             id=snap.id,
             key=key,
             kind=snap.kind,
-            upper=self.paths.upper(snap.id),
-            work=self.paths.work(snap.id),
-            lowers=tuple(self.paths.upper(p) for p in snap.parent_ids),
+            upper=upper,
+            work=upper.with_name("work"),
+            lowers=tuple(self._upper(p) for p in snap.parent_ids),
             labels=labels,
         )
 
-    def _mounts_for(self, key: str, snap: Snapshot, labels: dict[str, str], create: bool) -> list[Mount]:
+    def _mounts_for(
+        self,
+        key: str,
+        snap: Snapshot,
+        labels: dict[str, str],
+        create: bool,
+        links: list[ChainLink] | None = None,
+    ) -> list[Mount]:
         """Resolve a lazily served image under the chain (if any), then ask the mount producers."""
         request = self._request(key, snap, labels)
         # A layer being unpacked (and not claimed) gets native mounts: containerd writes the
         # layer's content into it, as with the overlayfs snapshotter.
         if snap.parent_ids and not L.is_unpack_layer(labels):
+            if links is None:
+                links = self.ms.chain(key)
             chain = [
-                ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self.paths.upper(c.id))
-                for c in self.ms.chain(key)
+                ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self._upper(c.id)) for c in links
             ]
             source: ImageSource | None = self.pm.hook.nydus_find_image(
                 key=key, chain=chain, config=self.config
@@ -248,7 +268,7 @@ class Snapshotter:
 
             def place(snap: Snapshot) -> None:
                 if snap.parent_ids:
-                    pst = os.stat(self.paths.upper(snap.parent_ids[0]))
+                    pst = os.stat(self._upper(snap.parent_ids[0]))
                     os.lchown(tmp / "fs", pst.st_uid, pst.st_gid)
                 target = self.paths.snapshot_dir(snap.id)
                 if target.exists():
@@ -283,7 +303,7 @@ class Snapshotter:
         target = labels[L.TARGET_SNAPSHOT_REF]
         layer = Layer(
             key=key, parent=parent, target=target, labels=dict(labels),
-            snapshot_id=snap.id, upper=self.paths.upper(snap.id),
+            snapshot_id=snap.id, upper=self._upper(snap.id),
         )
         claim: LayerClaim | None = self.pm.hook.nydus_claim_layer(layer=layer, config=self.config)
         if claim is None:
@@ -297,7 +317,7 @@ class Snapshotter:
 
     def _commit(self, name: str, key: str, labels: dict[str, str], remote: bool) -> Info:
         rec = self.ms.get(key)
-        usage = disk_usage(self.paths.upper(rec.id)) if rec.info.kind == Kind.ACTIVE else Usage()
+        usage = disk_usage(self._upper(rec.id)) if rec.info.kind == Kind.ACTIVE else Usage()
         committed = self.ms.commit(key, name, usage, labels)
         self._event("nydus_snapshot_committed", info=committed.info, remote=remote)
         return committed.info
@@ -322,9 +342,8 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an Active or View snapshot, re-resolving a lazily served image."""
-        snap = self.ms.get_snapshot(key)
-        labels = self.ms.get(key).info.labels
-        return self._mounts_for(key, snap, labels, create=False)
+        snap, labels, links = self.ms.resolve(key)
+        return self._mounts_for(key, snap, labels, create=False, links=links)
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
         """Commit the Active `key` as `name` (same id, labels replaced, usage stored)."""
@@ -372,7 +391,7 @@ class Snapshotter:
         """Active: walk the upper dir now; otherwise the value stored at commit."""
         rec = self.ms.get(key)
         if rec.info.kind == Kind.ACTIVE:
-            return disk_usage(self.paths.upper(rec.id))
+            return disk_usage(self._upper(rec.id))
         return rec.usage
 
     def cleanup(self) -> None:
