@@ -116,7 +116,8 @@ def nydus_plugin_manager() -> PluginManagerFactory:
 @pytest.fixture
 def snapshotter_root() -> Iterator[Path]:
     """A new root under the system temp dir (short: socket paths and the 70-byte limit)."""
-    root = Path(tempfile.mkdtemp(prefix="nyd-"))
+    base = tempfile.gettempdir()
+    root = Path(tempfile.mkdtemp(prefix="nyd-", dir=base if len(base) <= 30 else "/tmp"))
     yield root
     # rm -rf through a mounted overlay or FUSE mount would delete what it exposes.
     unmount_below(root)
