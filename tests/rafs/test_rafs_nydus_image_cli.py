@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from rafs_helpers import create_with_gnu_tar, make_source_tree
 
 from nydus_core.cli.nydus_image import main
 from nydus_core.rafs import DigestMismatch
@@ -20,19 +22,39 @@ FIX_TAR = FIX / "tar" / "all-entry-type.tar"
 
 
 def tar_entries(path: Path) -> dict[str, tuple[object, ...]]:
-    """Everything a tar says about each entry, file bytes as sha256; the root entry ignored."""
+    """Everything a tar says about each entry, file bytes as sha256; the root entry ignored.
+
+    Hardlinks are compared as groups: which name a writer stores first is a free choice.
+    """
     out: dict[str, tuple[object, ...]] = {}
+    links: dict[str, str] = {}
     with tarfile.open(path) as tf:
         for m in tf:
             name = m.name.rstrip("/").removeprefix("./")
             if name in ("", "."):
                 continue
+            if m.islnk():
+                links[name] = m.linkname.removeprefix("./")
+                continue
             data = hashlib.sha256(tf.extractfile(m).read()).hexdigest() if m.isreg() else None  # type: ignore[union-attr]
             mode = 0o777 if m.issym() else m.mode
+            mtime = m.pax_headers.get("mtime", str(int(m.mtime)))
             xattrs = {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
-            out[name] = (m.type, mode, m.uid, m.gid, m.size if m.isreg() else 0, int(m.mtime), m.linkname,
+            out[name] = (m.type, mode, m.uid, m.gid, m.size if m.isreg() else 0, _ns(mtime), m.linkname,
                          m.devmajor, m.devminor, xattrs, data)  # fmt: skip
+    groups: dict[str, set[str]] = {}
+    for name, target in links.items():
+        groups.setdefault(target, {target}).add(name)
+    for target, members in groups.items():
+        base = out[target]
+        for member in members:
+            out[member] = (*base, tuple(sorted(members)))
     return out
+
+
+def _ns(mtime: str) -> int:
+    sec, _, frac = mtime.partition(".")
+    return int(sec) * 10**9 + int((frac + "000000000")[:9])
 
 
 def rich_tar(tmp: Path) -> Path:
@@ -49,9 +71,15 @@ def rich_tar(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("compressor", ["none", "lz4_block", "zstd"])
 @pytest.mark.parametrize("digester", ["blake3", "sha256"])
-@pytest.mark.parametrize("source", ["fixture", "rich"])
+@pytest.mark.parametrize("source", ["fixture", "rich", "gnu"])
 def test_create_unpack_round_trip(tmp_path: Path, compressor: str, digester: str, source: str) -> None:
-    src = FIX_TAR if source == "fixture" else rich_tar(tmp_path)
+    if source == "gnu":
+        if os.geteuid() != 0:
+            pytest.skip("mknod needs root")
+        make_source_tree(tmp_path / "src")
+        src = create_with_gnu_tar(tmp_path / "src", tmp_path / "gnu.tar")
+    else:
+        src = FIX_TAR if source == "fixture" else rich_tar(tmp_path)
     boot, blobs, out = tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "out.tar"
     blobs.mkdir()
     assert main(["create", "--bootstrap", str(boot), "--blob-dir", str(blobs), "--compressor", compressor,
