@@ -409,6 +409,10 @@ class DaemonManager:
             return daemon
 
     def _attach_shared(self, image: ImageSource, labels: Mapping[str, str], snapshot_dir: Path) -> Instance:
+        with self._lock:
+            current = self._shared
+        if current is not None and not self._hook_alive(current):
+            self._recover_dead(current, reason=f"not serving when snapshot {image.meta_id} was attached")
         daemon = self._ensure_shared()
         inst = Instance(
             snapshot_id=image.meta_id,

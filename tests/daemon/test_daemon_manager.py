@@ -629,3 +629,20 @@ def test_blob_meta_copied_to_cache_and_version_recorded(
     assert daemon is not None and daemon.version == "mini-0.1.0"
     stored = mgr.store.get_daemon(daemon.id)
     assert stored is not None and stored.version == "mini-0.1.0"
+
+
+def test_new_image_on_dead_shared_daemon_recovers_it_first(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+) -> None:
+    mgr = DaemonManager(make_config("shared", recover_policy="restart"), pm)
+    a, b = make_image("201", {"a": "A"}), make_image("202", {"b": "B"})
+    ia = mgr.ensure_instance(a, a.labels)
+    daemon = mgr.daemon(ia.daemon_id)
+    assert daemon is not None
+    old = daemon.pid
+    kill9(old)
+    ib = mgr.ensure_instance(b, b.labels)
+    assert ib.daemon_id == daemon.id and daemon.pid != old
+    assert (root / "mnt" / "201" / "a").read_text() == "A"  # re-attached by the recovery
+    assert (root / "mnt" / "202" / "b").read_text() == "B"
+    assert len(pids_mentioning(str(root / "socket"))) == 1
