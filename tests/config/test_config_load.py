@@ -120,8 +120,10 @@ def test_no_file_gives_defaults() -> None:
     assert config.log_dir == DEFAULT_ROOT / "logs"
 
 
-def test_upstream_sample_loads(tmp_path: Path) -> None:
+def test_upstream_sample_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="nydus_core.config")
     config = load_text(tmp_path, UPSTREAM_SAMPLE)
+    assert caplog.records == []  # every key of upstream's sample is known
     assert config.root == Path("/var/lib/containerd-nydus")
     assert config.daemon.nydusd_path == "/usr/local/bin/nydusd"
     assert config.daemon.threads_number == 4
