@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("create", help="build a RAFS bootstrap and data blob from a tar or a directory")
     c.add_argument("source", help="layer tar (plain or compressed) or directory")
-    c.add_argument("--type", "-t", choices=["dir-rafs", "tar-rafs", "directory"], default=None,
+    c.add_argument("--type", "-t", choices=["dir-rafs", "tar-rafs", "targz-rafs", "directory"], default=None,
                    help="source type; guessed from SOURCE when omitted")  # fmt: skip
     c.add_argument("--bootstrap", "-B", required=True, help="output bootstrap path")
     c.add_argument("--blob", "-b", help="output blob path")

@@ -241,25 +241,102 @@ def _mtime(info: tarfile.TarInfo) -> tuple[int, int]:
     return int(info.mtime), 0
 
 
+@dataclass(frozen=True)
+class SharedFileContent:
+    """`size` bytes at `offset` of an already open file (e.g. an anonymous decompressed temp file)."""
+
+    file: BinaryIO
+    offset: int
+    size: int
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_PreadSlice(self.file.fileno(), self.offset, self.size))
+
+
+class _PreadSlice(io.RawIOBase):
+    """Positional reads: many slices can share one descriptor without seeking each other."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self._fd, self._start, self._size, self._pos = fd, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._start + self._pos)
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+_MAGICS = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _decompress_to_temp(path: str, kind: str) -> BinaryIO:
+    """Whole layer decompressed into an anonymous temp file (bounded memory, random access)."""
+    import bz2
+    import gzip
+    import lzma
+    import shutil
+    import tempfile
+
+    import zstandard
+
+    tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the tree's contents
+    try:
+        with open(path, "rb") as raw:
+            if kind == "zstd":
+                with zstandard.ZstdDecompressor().stream_reader(raw) as zsrc:
+                    shutil.copyfileobj(zsrc, tmp, 1 << 20)
+            else:
+                src: io.BufferedIOBase
+                if kind == "gzip":
+                    src = gzip.GzipFile(fileobj=raw, mode="rb")
+                elif kind == "bz2":
+                    src = bz2.BZ2File(raw, "rb")
+                else:
+                    src = lzma.LZMAFile(raw, "rb")  # noqa: SIM115 - closed by the with below
+                with src:
+                    shutil.copyfileobj(src, tmp, 1 << 20)
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as exc:
+        tmp.close()
+        raise RafsError(f"{path}: cannot decompress the {kind} layer: {exc}") from exc
+    tmp.seek(0)
+    return tmp
+
+
 def tree_from_tar(path: str | os.PathLike[str]) -> Node:
-    """Parse an OCI layer tar (plain, gzip, bz2 or xz) into a layer tree with its markers."""
+    """Parse an OCI layer tar (plain, gzip, zstd, bz2 or xz) into a layer tree with its markers.
+
+    File contents are not read: they stay slices of the tar (of a decompressed temp copy for
+    compressed layers), read when a writer asks for them.
+    """
     path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(6)
+    kind = next((k for magic, k in _MAGICS.items() if head.startswith(magic)), None)
+    fileobj: BinaryIO = _decompress_to_temp(path, kind) if kind else open(path, "rb")  # noqa: SIM115
     root = new_dir()
     try:
-        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
+        tf = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - closed by the with below
     except tarfile.TarError as exc:
+        fileobj.close()
         raise RafsError(f"{path}: not a readable tar archive: {exc}") from exc
-    seekable = tf.fileobj is not None and type(tf.fileobj) is io.BufferedReader
     with tf:
         try:
             for info in tf:
-                _add_tar_member(root, tf, info, path if seekable else None)
+                _add_tar_member(root, info, fileobj if kind else None, path)
         except tarfile.TarError as exc:
             raise RafsError(f"{path}: corrupt tar: {exc}") from exc
+    if kind is None:
+        fileobj.close()
     return root
 
 
-def _add_tar_member(root: Node, tf: tarfile.TarFile, info: tarfile.TarInfo, plain_path: str | None) -> None:
+def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, path: str) -> None:
     what = f"tar entry {info.name!r}"
     parts = _clean(info.name, what)
     sec, nsec = _mtime(info)
@@ -304,12 +381,10 @@ def _add_tar_member(root: Node, tf: tarfile.TarFile, info: tarfile.TarInfo, plai
     elif info.isreg():
         node = Node(Kind.REG, size=info.size, **meta)  # type: ignore[arg-type]
         if info.size:
-            if plain_path is not None:
-                node.content = FileContent(plain_path, info.offset_data, info.size)
+            if temp is None:
+                node.content = FileContent(path, info.offset_data, info.size)
             else:
-                f = tf.extractfile(info)
-                assert f is not None
-                node.content = BytesContent(f.read())
+                node.content = SharedFileContent(temp, info.offset_data, info.size)
     elif info.issym():
         target_b = info.linkname.encode("utf-8", "surrogateescape")
         if not target_b or len(target_b) > 4095:

@@ -113,3 +113,27 @@ def test_whiteouts_opaque_and_merge(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tf:
         names = tf.getnames()
     assert "a/.wh.x" in names and "o/.wh..wh..opq" in names and ".wh.gone" in names
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "xz"])
+def test_compressed_layers_read_like_the_plain_tar(tmp_path: Path, kind: str) -> None:
+    import gzip
+    import lzma
+
+    import zstandard
+
+    data = {f"d/f{i}": bytes([i]) * (i * 1000) for i in range(1, 20)}
+    plain = make_tar(tmp_path / "p.tar", [(ti(n), d) for n, d in data.items()])
+    raw = plain.read_bytes()
+    packed = {"gzip": gzip.compress, "zstd": zstandard.ZstdCompressor().compress, "xz": lzma.compress}[kind](
+        raw
+    )
+    comp = tmp_path / f"p.tar.{kind}"
+    comp.write_bytes(packed)
+    root = tree_from_tar(comp)
+    got = {p.decode(): n.content.open().read() for p, n in walk(root) if n.content is not None}
+    assert got == data
+    cut = tmp_path / f"cut.{kind}"
+    cut.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(RafsError, match=r"cannot decompress|corrupt tar|not a readable"):
+        tree_from_tar(cut)
