@@ -352,9 +352,17 @@ class Snapshotter:
     def remove(self, key: str) -> Info:
         """Delete a snapshot's record; its directory goes now (sync_remove) or in `cleanup`."""
         moved: list[Path] = []
+        served: list[Path] = []
 
         def move_aside(rec: Record) -> None:
             src = self.paths.snapshot_dir(rec.id)
+            if self.images is not None and self.images.get_instance(rec.id) is not None:
+                # A meta snapshot whose image is still mounted (its mountpoint may live in this
+                # directory): renaming would move the live mount under the daemon manager's
+                # feet. Leave it in place; without its record it is an orphan that is deleted
+                # once the image service has released the instance (below or in Cleanup).
+                served.append(src)
+                return
             dst = self.snapshots_dir / f"rm-{rec.id}"
             try:
                 os.rename(src, dst)
@@ -369,9 +377,9 @@ class Snapshotter:
                 os.rename(dst, self.paths.snapshot_dir(dst.name[3:]))
             raise
         if self.config.snapshot.sync_remove:
-            if self.images is not None:
+            if self.images is not None and served:
                 self.images.release_unused(self.ms.ids())
-            for dst in moved:
+            for dst in moved + served:
                 remove_tree(dst)
         self._event("nydus_snapshot_removed", info=rec.info)
         return rec.info

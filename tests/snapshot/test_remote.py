@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -283,3 +285,64 @@ def test_failing_event_listener_does_not_fail_the_operation(start_snapshotter: A
     assert stat(s.stub, "c").kind == pb.COMMITTED
     remove(s.stub, "c")
     expect_code(C.NOT_FOUND, lambda: stat(s.stub, "c"))
+
+
+def test_removed_meta_snapshot_waits_for_its_instance(start_snapshotter: Any, short_tmp: Path) -> None:
+    images = DirImages(short_tmp / "mnt")
+    s = start_snapshotter(plugins=[FindTestImage()], images=images)
+    stub, snaps = s.stub, s.root / "snapshots"
+    _nydus_image(stub)
+    prepare(stub, "ctr", "data")
+    assert "1" in images.instances
+    remove(stub, "ctr")
+    remove(stub, "data")
+    remove(stub, "meta")
+    # the served meta snapshot's directory is not renamed while its image is mounted
+    assert (snaps / "1").is_dir() and not (snaps / "rm-1").exists()
+    assert (snaps / "rm-2").is_dir()
+    stub.Cleanup(pb.CleanupRequest())
+    assert images.released[-1] == set() and images.instances == {}
+    assert os.listdir(snaps) == []
+
+
+class MountingImages(DirImages):
+    """Bind-mounts a source dir at ``snapshots/<meta>/mnt`` and, like a broken daemon manager,
+    never unmounts it: Cleanup must detach it rather than delete through it."""
+
+    def __init__(self, base: Path, snaps: Path) -> None:
+        super().__init__(base)
+        self.snaps = snaps
+
+    def ensure_instance(self, image: ImageSource, labels: dict[str, str]) -> Instance:
+        if image.meta_id not in self.instances:
+            src = self.base / "rafs"
+            src.mkdir(parents=True, exist_ok=True)
+            (src / "precious").write_text("keep me")
+            mp = self.snaps / image.meta_id / "mnt"
+            mp.mkdir(exist_ok=True)
+            subprocess.run(["mount", "--bind", str(src), str(mp)], check=True)
+            self.instances[image.meta_id] = Instance(
+                snapshot_id=image.meta_id, daemon_id="d1", image_ref=image.image_ref,
+                bootstrap=image.bootstrap, mountpoint=mp, snapshot_dir=mp.parent,
+            )
+        return self.instances[image.meta_id]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_cleanup_never_deletes_through_a_live_mount(start_snapshotter: Any, short_tmp: Path) -> None:
+    root = short_tmp / "mroot"
+    images = MountingImages(short_tmp / "imgs", root / "snapshots")
+    s = start_snapshotter(plugins=[FindTestImage()], images=images, root=root)
+    stub, snaps = s.stub, root / "snapshots"
+    try:
+        _nydus_image(stub)
+        [m] = prepare(stub, "ctr", "data")
+        assert m.options[-1] == f"lowerdir={snaps}/1/mnt"
+        assert (snaps / "1" / "mnt" / "precious").exists()
+        for key in ("ctr", "data", "meta"):
+            remove(stub, key)
+        stub.Cleanup(pb.CleanupRequest())
+        assert os.listdir(snaps) == []
+        assert (short_tmp / "imgs" / "rafs" / "precious").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", "-l", str(snaps / "1" / "mnt")], capture_output=True)
