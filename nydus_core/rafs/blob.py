@@ -363,3 +363,19 @@ class BlobReader:
 
 
 ChunkSource = Callable[[int, int], bytes]
+
+
+def read_blob_ci(
+    f: BinaryIO, ci_offset: int, ci_compressed_size: int, chunk_count: int, what: str = "blob"
+) -> tuple[CiHeader, list[BlobChunk]]:
+    """A blob's own chunk-info table (what nydusd caches as `<blob_id>.blob.meta`), header checked."""
+    header = CiHeader.parse(_pread(f, ci_offset + ci_compressed_size, CI_HEADER_SIZE, f"{what} ci header"),
+                            what)  # fmt: skip
+    if (header.ci_offset, header.ci_compressed_size, header.ci_entries) != (ci_offset, ci_compressed_size,
+                                                                            chunk_count):  # fmt: skip
+        raise RafsError(f"{what}: ci header disagrees with the blob table (offset/size/entries)")
+    raw = _pread(f, ci_offset, ci_compressed_size, f"{what} ci table")
+    if header.ci_compressor != COMPRESSOR_NONE:
+        raw = decompress(header.ci_compressor, raw, header.ci_uncompressed_size, f"{what} ci table")
+    v2 = bool(header.features & FEATURE_CHUNK_INFO_V2)
+    return header, parse_ci(raw, chunk_count, v2, what)

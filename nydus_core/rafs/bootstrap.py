@@ -293,28 +293,51 @@ class BlobSet:
             self._files[blob_index] = f
         return BlobReader(f, entry.blob_id, entry.compression_algo, entry.digest_algo)
 
+    def read_chunk(self, inode: Inode, i: int, ref: ChunkRef | None = None) -> bytes:
+        """Chunk `i` of a regular file (the file bytes [i*chunk_size, ...)), decoded and verified."""
+        bs = self.bootstrap
+        what = f"nid {inode.nid} chunk {i}"
+        if ref is None:
+            refs = bs.file_chunks(inode)
+            if not 0 <= i < len(refs):
+                raise RafsError(f"{what}: the file has {len(refs)} chunks")
+            ref = refs[i]
+        info = bs.chunk_info(ref, what)
+        want = min(bs.ext.chunk_size, inode.size - i * bs.ext.chunk_size)
+        if info.flags & CHUNK_FLAG_HOLE:
+            return b"\0" * want
+        reader = self._reader(ref.blob_index)
+        compressed = bool(info.flags & CHUNK_FLAG_COMPRESSED)
+        loc = ChunkLocation(reader.blob_id, info.index, info.compressed_offset, info.compressed_size,
+                            info.uncompressed_size, compressed, info.digest)  # fmt: skip
+        data = reader.read_chunk(loc)
+        if len(data) != want:
+            raise RafsError(f"{what}: chunk holds {len(data)} bytes, the file needs {want} there")
+        return data
+
     def read_file(self, inode: Inode) -> bytes:
         """Whole content of a regular file, every chunk decoded and digest-checked."""
-        bs = self.bootstrap
         if inode.size == 0:
             return b""
-        out = bytearray()
-        for i, ref in enumerate(bs.file_chunks(inode)):
-            what = f"nid {inode.nid} chunk {i}"
-            info = bs.chunk_info(ref, what)
-            reader = self._reader(ref.blob_index)
-            want = min(bs.ext.chunk_size, inode.size - i * bs.ext.chunk_size)
-            if info.flags & CHUNK_FLAG_HOLE:
-                out += b"\0" * want
-                continue
-            loc = ChunkLocation(reader.blob_id, info.index, info.compressed_offset, info.compressed_size,
-                                info.uncompressed_size, bool(info.flags & CHUNK_FLAG_COMPRESSED),
-                                info.digest)  # fmt: skip
-            data = reader.read_chunk(loc)
-            if len(data) != want:
-                raise RafsError(f"{what}: chunk holds {len(data)} bytes, file needs {want} there")
-            out += data
-        return bytes(out)
+        refs = self.bootstrap.file_chunks(inode)
+        return b"".join(self.read_chunk(inode, i, ref) for i, ref in enumerate(refs))
+
+    def read_range(self, inode: Inode, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file, touching only the chunks that overlap."""
+        if offset < 0 or size < 0:
+            raise RafsError(f"invalid read range offset={offset} size={size}")
+        end = min(inode.size, offset + size)
+        if offset >= end:
+            return b""
+        cs = self.bootstrap.ext.chunk_size
+        refs = self.bootstrap.file_chunks(inode)
+        parts = []
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            data = self.read_chunk(inode, i, refs[i])
+            lo = max(offset - i * cs, 0)
+            hi = min(end - i * cs, len(data))
+            parts.append(data[lo:hi])
+        return b"".join(parts)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -15,6 +15,7 @@ from rafs_helpers import create_with_gnu_tar, make_source_tree
 
 from nydus_core.cli.nydus_image import main
 from nydus_core.rafs import DigestMismatch
+from nydus_core.rafs.blob import read_blob_ci, read_toc
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
 
 FIX = Path("/work/shared/fixtures/nydus")
@@ -94,8 +95,14 @@ def test_create_unpack_round_trip(tmp_path: Path, compressor: str, digester: str
     assert doc["blobs"] == [blob.name] and doc["compressor"] == compressor and doc["digester"] == digester
     assert main(["unpack", "--bootstrap", str(boot), "--blob", str(blob), "--output", str(out)]) == 0
     assert tar_entries(out) == tar_entries(src)
+    bs = Bootstrap.open(boot)
+    entry = bs.blobs[0]
+    with open(blob, "rb") as f:  # the blob's own ci table agrees with the bootstrap's chunk table
+        _, chunks = read_blob_ci(f, entry.ci_offset, entry.ci_compressed_size, entry.chunk_count)
+        assert read_toc(f, expected_digest=entry.blob_toc_digest).size == entry.blob_toc_size
+    table = {c.index: (c.compressed_offset, c.compressed_size, c.uncompressed_offset) for c in bs.chunks}
+    assert {c.index: (c.compressed_offset, c.compressed_size, c.uncompressed_offset) for c in chunks} == table
     if source == "rich":
-        bs = Bootstrap.open(boot)
         assert bs.blobs[0].chunk_count == 2, "both MiB of big and all of copy are one chunk; plus odd"
 
 

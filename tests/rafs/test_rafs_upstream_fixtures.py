@@ -115,3 +115,34 @@ def test_kernel_mounts_upstream_bootstrap(tmp_path: Path) -> None:
     with erofs_mount(BOOT, mnt):
         assert sorted(p.name for p in mnt.iterdir()) == ["lib.rs", "sync_io.rs"]
         assert (mnt / "lib.rs").stat().st_size == 16931
+
+
+def test_blob_ci_table_matches_bootstrap_chunk_table() -> None:
+    from nydus_core.rafs.blob import read_blob_ci
+
+    bs = Bootstrap.open(BOOT)
+    entry = bs.blobs[0]
+    with open(FIX / "blobs" / BLOB_ID, "rb") as f:
+        header, chunks = read_blob_ci(
+            f, entry.ci_offset, entry.ci_compressed_size, entry.chunk_count, BLOB_ID
+        )
+    assert header.features == entry.features
+    by_index = {c.index: c for c in bs.chunks}
+    for c in chunks:
+        info = by_index[c.index]
+        assert (c.compressed_offset, c.compressed_size, c.uncompressed_offset, c.uncompressed_size) == (
+            info.compressed_offset,
+            info.compressed_size,
+            info.uncompressed_offset,
+            info.uncompressed_size,
+        )
+
+
+def test_read_range_touches_only_needed_chunks() -> None:
+    bs = Bootstrap.open(BOOT)
+    with BlobSet.from_dir(bs, str(FIX / "blobs")) as blobs:
+        lib = bs.erofs.lookup("lib.rs")
+        whole = blobs.read_file(lib)
+        assert blobs.read_range(lib, 100, 50) == whole[100:150]
+        assert blobs.read_range(lib, 16900, 1000) == whole[16900:]
+        assert blobs.read_range(lib, 20000, 10) == b""
