@@ -5,6 +5,9 @@ This is what an operator types when debugging; every subcommand goes containerd 
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from nydus_core.testing.services import Containerd, NydusSnapshotter, wait_until
@@ -57,3 +60,10 @@ def test_ctr_snapshots_lifecycle(
     containerd.gc(ns)
     wait_until(lambda: snapshot_dirs(nydus_snapshotter) == dirs_before, 30,
                "the removed snapshots' directories to go")
+
+
+def test_socket_is_private(nydus_snapshotter: NydusSnapshotter) -> None:
+    """Anyone who can connect can create mounts as root: the socket must not be world-accessible."""
+    mode = stat.S_IMODE(os.stat(nydus_snapshotter.address).st_mode)
+    assert mode & 0o007 == 0, f"socket mode {mode:o} lets other users connect"
+    assert stat.S_ISSOCK(os.stat(nydus_snapshotter.address).st_mode)
