@@ -278,7 +278,9 @@ def build_busybox_image(workdir: Path, registry_host: str, repo: str = "busybox"
     run(umoci, "init", "--layout", str(layout))
     run(umoci, "new", "--image", image)
     bundle = workdir / "bundle"
-    run(umoci, "unpack", "--image", image, str(bundle))
+    # Without root umoci cannot chown the unpacked files; --rootless records ownership instead.
+    rootless = ["--rootless"] if os.geteuid() != 0 else []
+    run(umoci, "unpack", *rootless, "--image", image, str(bundle))
     rootfs = bundle / "rootfs"
     for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
@@ -293,11 +295,12 @@ def build_busybox_image(workdir: Path, registry_host: str, repo: str = "busybox"
     layer2.mkdir(parents=True)
     (layer2 / Path(BUSYBOX_LAYER2_FILE).name).write_text(BUSYBOX_LAYER2_TEXT + "\n")
     (layer2 / "random.bin").write_bytes(os.urandom(1 << 20))
-    run(umoci, "insert", "--image", image, str(layer2), "/data")
+    run(umoci, "insert", *rootless, "--image", image, str(layer2), "/data")
     layer3 = workdir / "layer3"
     layer3.mkdir()
     (layer3 / Path(BUSYBOX_LAYER3_FILE).name).write_text(BUSYBOX_LAYER3_TEXT + "\n")
-    run(umoci, "insert", "--image", image, str(layer3 / Path(BUSYBOX_LAYER3_FILE).name), BUSYBOX_LAYER3_FILE)
+    run(umoci, "insert", *rootless, "--image", image, str(layer3 / Path(BUSYBOX_LAYER3_FILE).name),
+        BUSYBOX_LAYER3_FILE)
     run(umoci, "gc", "--layout", str(layout))
     ref = f"{registry_host}/{repo}:{tag}"
     run(skopeo, "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}", f"docker://{ref}")
@@ -592,7 +595,10 @@ class ServiceStack:
 # --------------------------------------------------------------------------------------------
 
 def _need_root() -> None:
-    """Skip only for lack of root; missing tools are a failure (CI must install them)."""
+    """Skip only for lack of root; missing tools are a failure (CI must install them).
+
+    containerd, runc and overlay mounts need root; the registry and the test image do not.
+    """
     if os.geteuid() != 0:
         pytest.skip("needs root: containerd, runc and overlay mounts only work as root")
 
@@ -600,7 +606,6 @@ def _need_root() -> None:
 @pytest.fixture(scope="session")
 def nydus_services_dir() -> Iterator[Path]:
     """A short temp dir for the session's services (unix socket paths must stay under 108 bytes)."""
-    _need_root()
     d = Path(tempfile.mkdtemp(prefix="nydus-it-"))
     yield d
     unmount_below(d)
@@ -632,6 +637,7 @@ def _nydus_socket(services_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def containerd(nydus_services_dir: Path) -> Iterator[Containerd]:
     """containerd 1.6 with ``[proxy_plugins.nydus]`` pointing at the session's snapshotter socket."""
+    _need_root()
     ctrd = Containerd(nydus_services_dir / "containerd", {"nydus": _nydus_socket(nydus_services_dir)})
     ctrd.start()
     yield ctrd
@@ -641,6 +647,7 @@ def containerd(nydus_services_dir: Path) -> Iterator[Containerd]:
 @pytest.fixture(scope="session")
 def nydus_snapshotter(nydus_services_dir: Path) -> Iterator[NydusSnapshotter]:
     """``containerd-nydus-grpc`` serving the socket the `containerd` fixture is configured with."""
+    _need_root()
     snap = NydusSnapshotter(nydus_services_dir / "nydus", _nydus_socket(nydus_services_dir))
     snap.start()
     yield snap
