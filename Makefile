@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Hard cap for the whole pytest run, so a hung daemon cannot eat CI's 90 minutes.
 PYTEST_TIMEOUT ?= 1500
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 BENCH_ARGS ?=
 
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
