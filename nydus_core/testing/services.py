@@ -365,7 +365,11 @@ class Containerd:
             self._proc.check_running()
             return self.ctr("version", check=False, timeout=5).returncode == 0
 
-        wait_until(ready, timeout, f"containerd on {self.address} (log {self.log_path})", interval=0.1)
+        try:
+            wait_until(ready, timeout, f"containerd on {self.address} (log {self.log_path})", interval=0.1)
+        except BaseException:
+            self._proc.stop()  # never leave a half-started daemon behind a failed fixture
+            raise
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 180.0,
             namespace: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -510,8 +514,12 @@ class NydusSnapshotter:
                 except grpc.FutureTimeoutError:
                     return False
 
-        wait_until(ready, timeout, f"containerd-nydus-grpc on {self.address} (log {self.log_path})",
-                   interval=0.1)
+        try:
+            wait_until(ready, timeout, f"containerd-nydus-grpc on {self.address} (log {self.log_path})",
+                       interval=0.1)
+        except BaseException:
+            self._proc.stop()  # never leave a half-started daemon behind a failed fixture
+            raise
 
     def stop(self) -> None:
         if self._proc is not None:
