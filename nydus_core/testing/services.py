@@ -15,6 +15,7 @@ and containers before it stops.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -39,6 +40,7 @@ __all__ = [
     "BUSYBOX_LAYER3_FILE",
     "BUSYBOX_LAYER3_TEXT",
     "Containerd",
+    "CriSettings",
     "ManagedProcess",
     "NydusSnapshotter",
     "Registry",
@@ -307,15 +309,32 @@ def build_busybox_image(workdir: Path, registry_host: str, repo: str = "busybox"
     return ref
 
 
+@dataclasses.dataclass(frozen=True)
+class CriSettings:
+    """Enables containerd's CRI plugin the way a Kubernetes node would use nydus.
+
+    `disable_snapshot_annotations` is CRI's own key; containerd's default is true, which keeps
+    the ``containerd.io/snapshot/cri.*`` labels away from the snapshotter.
+    `plain_http_registries` are ``host:port`` names CRI reaches over plain HTTP (mirror entries).
+    """
+
+    snapshotter: str = "nydus"
+    disable_snapshot_annotations: bool = False
+    plain_http_registries: tuple[str, ...] = ()
+
+
 class Containerd:
-    """containerd 1.6 with its own root, state and sockets under `workdir`, CRI disabled.
+    """containerd 1.6 with its own root, state and sockets under `workdir`; CRI off unless `cri`.
 
     `proxy_snapshotters` maps a snapshotter name to the unix socket of a proxy snapshotter; each
     becomes a ``[proxy_plugins.<name>]`` section (containerd dials lazily, so the snapshotter may
-    start later). `namespace` is unique per instance unless given.
+    start later). `namespace` is unique per instance unless given (CRI itself always uses
+    ``k8s.io``).
     """
 
-    def __init__(self, workdir: Path, proxy_snapshotters: dict[str, Path], namespace: str | None = None):
+    def __init__(self, workdir: Path, proxy_snapshotters: dict[str, Path], namespace: str | None = None,
+                 cri: CriSettings | None = None):
+        self.cri = cri
         self.workdir = workdir
         self.root = workdir / "root"
         self.state = workdir / "state"
@@ -339,7 +358,7 @@ class Containerd:
             "version = 2",
             f'root = "{self.root}"',
             f'state = "{self.state}"',
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            "disabled_plugins = []" if self.cri else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
             "[grpc]",
             f'  address = "{self.address}"',
             "[ttrpc]",
@@ -350,12 +369,29 @@ class Containerd:
         ]
         for name, sock in self.proxy_snapshotters.items():
             lines += [f"  [proxy_plugins.{name}]", '    type = "snapshot"', f'    address = "{sock}"']
+        if self.cri:
+            cri = '[plugins."io.containerd.grpc.v1.cri"'
+            lines += [
+                f"{cri}]",
+                '  stream_server_address = "127.0.0.1"',
+                '  stream_server_port = "0"',
+                f"{cri}.containerd]",
+                f'  snapshotter = "{self.cri.snapshotter}"',
+                f"  disable_snapshot_annotations = {str(self.cri.disable_snapshot_annotations).lower()}",
+                f"{cri}.cni]",  # no CNI config: CRI logs an error, image pulls still work
+                '  bin_dir = "/usr/lib/cni"',
+                f'  conf_dir = "{self.workdir / "cni-conf"}"',
+            ]
+            for host in self.cri.plain_http_registries:
+                lines += [f'{cri}.registry.mirrors."{host}"]', f'  endpoint = ["http://{host}"]']
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 30.0) -> None:
         exe = _require_tool("containerd")
         _require_tool("runc")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.cri:
+            (self.workdir / "cni-conf").mkdir(exist_ok=True)
         self.config_path.write_text(self.config_text())
         self._proc = ManagedProcess("containerd", [exe, "--config", str(self.config_path)], self.log_path)
         self._proc.start()
