@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.nydus-installed
 
-.PHONY: test lint typecheck pytest demo proto bench-ops system venv clean
+.PHONY: test test-integration lint typecheck pytest demo proto bench-ops system venv clean
 
 test: system venv lint pytest
 
@@ -40,6 +40,10 @@ typecheck: venv
 # pytest's exit code 5 ("no tests collected") is a failure here on purpose.
 pytest: venv
 	timeout --signal=INT --kill-after=60 $(PYTEST_TIMEOUT) $(BIN)/pytest $(PYTEST_ARGS)
+
+# Only the tests that start containerd, a registry and the snapshotter (marker `containerd`).
+test-integration: system venv
+	$(BIN)/pytest -m containerd $(PYTEST_ARGS)
 
 demo: system venv
 	$(BIN)/python scripts/demo.py
