@@ -20,7 +20,7 @@ from typing import Any
 
 import pluggy
 
-from nydus_core.daemon.imageref import parse_ref
+from nydus_core.remote.reference import parse_ref
 from nydus_core.errors import ConfigError
 
 # A registry-backed FUSE config in upstream's v1 JSON schema (misc/snapshotter/nydusd-config.fusedev.json).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.daemon.imageref import ImageRef, parse_ref
+from nydus_core.remote.reference import ImageRef, parse_ref
 from nydus_core.daemon.nydusd_config import (
     DEFAULT_TEMPLATE,
     build_config,
