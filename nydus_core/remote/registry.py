@@ -89,6 +89,19 @@ def _tls_verify(ca_files: Sequence[str], skip_verify: bool) -> ssl.SSLContext | 
     return ctx
 
 
+def _tls_failure(e: BaseException) -> str | None:
+    """The TLS error behind a transport error, if any: those are never worth retrying."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError):
+            return getattr(seen, "verify_message", None) or seen.reason or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    return text if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text else None
+
+
 def _digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -261,6 +274,12 @@ class RegistryClient:
             try:
                 resp = self._send_following(ep, method, url, hdrs, body, stream)
             except httpx.TransportError as e:
+                tls = _tls_failure(e)
+                if tls is not None:
+                    raise RegistryError(
+                        f"TLS verification of {urlsplit(url).netloc} failed ({tls}); configure its CA "
+                        "(ca_files / hosts.toml ca) or skip_verify", url=url
+                    ) from e
                 if attempt < retries:
                     log.info("%s %s: %s; retry %d/%d", method, redact_url(url), type(e).__name__,
                              attempt + 1, retries)

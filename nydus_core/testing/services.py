@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -202,11 +204,20 @@ class ManagedProcess:
 class Registry:
     """A docker-registry (distribution 2.8) on a free 127.0.0.1 port, storage under `workdir`."""
 
-    def __init__(self, workdir: Path):
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ):
+        """`config` is merged into the generated config (e.g. ``auth``, ``proxy``); `tls` is
+        ``(certificate, key)`` to serve https."""
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.log_path = workdir / "registry.log"
         self.port = 0
+        self.extra_config = dict(config or {})
+        self.tls = tls
         self._proc: ManagedProcess | None = None
 
     @property
@@ -216,7 +227,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self, timeout: float = 20.0) -> None:
         """Start and wait for ``GET /v2/`` to answer 200; retries with a new port if one was taken."""
@@ -226,12 +237,17 @@ class Registry:
         for _ in range(3):
             self.port = free_tcp_port()
             config = self.workdir / "config.yml"
-            config.write_text(
-                "version: 0.1\n"
-                "log: {level: info}\n"
-                f"storage:\n  filesystem: {{rootdirectory: {self.data_dir}}}\n  delete: {{enabled: true}}\n"
-                f"http: {{addr: {self.host}}}\n"
-            )
+            http: dict[str, Any] = {"addr": self.host}
+            if self.tls:
+                http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
+            doc: dict[str, Any] = {
+                "version": 0.1,
+                "log": {"level": "info"},
+                "storage": {"filesystem": {"rootdirectory": str(self.data_dir)}, "delete": {"enabled": True}},
+                "http": http,
+                **self.extra_config,
+            }
+            config.write_text(json.dumps(doc, indent=1) + "\n")  # YAML is a superset of JSON
             self._proc = ManagedProcess("docker-registry", [exe, "serve", str(config)], self.log_path)
             self._proc.start()
             try:
@@ -245,9 +261,13 @@ class Registry:
     def _ready(self) -> bool:
         assert self._proc is not None
         self._proc.check_running()
+        # Readiness only: an auth-protected registry answers 401, a TLS one is probed unverified.
+        ctx = ssl._create_unverified_context() if self.tls else None
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as resp:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx) as resp:
                 return int(resp.status) == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401
         except (urllib.error.URLError, OSError):
             return False
 

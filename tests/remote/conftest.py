@@ -1,0 +1,112 @@
+"""Real registries for the remote-client tests: plain, htpasswd basic auth, token realm, TLS.
+
+Each is a genuine docker-registry process (`nydus_core.testing.services.Registry`) started once
+per module; the token realm is `token_server.TokenServer`; certificates are made per session.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from nydus_core.plugins import build_plugin_manager
+from nydus_core.remote.credentials import Credentials
+from nydus_core.testing.services import Registry
+from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
+from token_server import TokenServer
+
+USER, PASSWORD = "alice", "s3cret-pa55"
+
+
+@attrs.frozen
+class Pki:
+    ca: KeyPair
+    server: KeyPair
+    signing: KeyPair
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca, ca_key = make_ca(d)
+    return Pki(ca=ca, server=make_server_cert(d, ca, ca_key), signing=make_signing_cert(d))
+
+
+def start_registry(workdir: Path, config: dict[str, object] | None = None,
+                   tls: tuple[Path, Path] | None = None) -> Registry:
+    reg = Registry(workdir, config=config, tls=tls)
+    reg.start()
+    return reg
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A registry behind htpasswd basic auth (user `USER`, password `PASSWORD`)."""
+    d = tmp_path_factory.mktemp("basic-registry")
+    line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True)
+    (d / "htpasswd").write_text(line.stdout)
+    reg = start_registry(d, {"auth": {"htpasswd": {"realm": "nydus-test", "path": str(d / "htpasswd")}}})
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="module")
+def token_server(pki: Pki) -> Iterator[TokenServer]:
+    server = TokenServer(pki.signing, {USER: PASSWORD}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer) -> Iterator[Registry]:
+    """A registry whose ``auth: token:`` realm is `token_server`."""
+    reg = start_registry(tmp_path_factory.mktemp("token-registry"), {"auth": token_server.registry_auth_config()})
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Registry]:
+    reg = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=(pki.server.cert, pki.server.key))
+    yield reg
+    reg.stop()
+
+
+def write_docker_config(directory: Path, host: str, user: str, password: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (directory / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    return directory
+
+
+def hook_credentials(ref: str = "") -> Callable[[str], Credentials | None]:
+    """What the snapshotter passes to the client: ask the ``nydus_credentials`` hook (labels, docker config)."""
+    pm = build_plugin_manager(entry_points=False)
+
+    def provider(host: str) -> Credentials | None:
+        result: Credentials | None = pm.hook.nydus_credentials(host=host, ref=ref, labels={})
+        return result
+
+    return provider
+
+
+@pytest.fixture
+def docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str, str], Path]:
+    """Point ``DOCKER_CONFIG`` at a fresh directory holding one ``auths`` entry."""
+
+    def make(host: str, user: str = USER, password: str = PASSWORD) -> Path:
+        d = write_docker_config(tmp_path / "docker", host, user, password)
+        monkeypatch.setenv("DOCKER_CONFIG", str(d))
+        return d
+
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert "DOCKER_CONFIG" not in os.environ
+    return make
