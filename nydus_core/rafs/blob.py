@@ -168,8 +168,13 @@ assert TocEntry._S.size == TOC_ENTRY_SIZE
 
 
 def _pread(f: BinaryIO, off: int, size: int, what: str) -> bytes:
-    f.seek(off)
-    data = f.read(size)
+    if off < 0 or size < 0 or off + size > 1 << 62:
+        raise RafsError(f"{what}: invalid range offset {off} size {size}; corrupt metadata")
+    try:
+        f.seek(off)
+        data = f.read(size)
+    except OSError as exc:
+        raise RafsError(f"{what}: cannot read {size} bytes at offset {off}: {exc}") from exc
     if len(data) != size:
         raise RafsError(f"{what}: wanted {size} bytes at offset {off}, blob has only {len(data)}; truncated")
     return data

@@ -505,6 +505,8 @@ def tree_from_erofs(
     def make(ino: Inode) -> Node:
         node = by_nid.get(ino.nid)
         if node is not None:
+            if node.is_dir:
+                raise RafsError(f"directory nid {ino.nid} is reached twice (a loop in the tree)")
             return node
         xattrs = image.xattrs(ino)
         node = Node(Kind(stat.S_IFMT(ino.mode)), stat.S_IMODE(ino.mode), ino.uid, ino.gid, ino.mtime,

@@ -102,6 +102,9 @@ class RafsV5:
             raise RafsError(
                 f"not a RAFS v5 bootstrap (magic {self.sb.magic:#x}, version {self.sb.version:#x})"
             )
+        cs = self.sb.chunk_size
+        if cs < 4096 or cs > 16 << 20 or cs & (cs - 1):
+            raise RafsError(f"invalid RAFS v5 chunk size {cs}")
         raw = self._slice(self.sb.inode_table_offset, 4 * self.sb.inode_table_entries, "inode table")
         self.table = struct.unpack(f"<{self.sb.inode_table_entries}I", raw)
         self.blob_ids = self._blob_ids()
@@ -169,10 +172,24 @@ class RafsV5:
                 key, _, value = kv.partition(b"\0")
                 xattrs[key] = value
                 p += 4 + pair
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                                     stat.S_IFIFO, stat.S_IFSOCK):  # fmt: skip
+            raise RafsError(f"{what}: invalid mode {mode:#o}")
         chunks: tuple[ChunkInfo, ...] = ()
         if stat.S_ISREG(mode):  # for files child_count is the number of chunk infos that follow
+            # the builder stores one chunk per chunk-size piece (holes included), so this bounds size
+            want = -(-size // self.sb.chunk_size)
+            if ccount != want:
+                raise RafsError(f"{what}: {ccount} chunks for a {size}-byte file (expected {want})")
             raw = self._slice(pos, CHUNK_SIZE * ccount, what)
             chunks = tuple(ChunkInfo.parse(raw, i * CHUNK_SIZE) for i in range(len(raw) // CHUNK_SIZE))
+            for i, c in enumerate(chunks):
+                if c.blob_index >= len(self.blob_ids):
+                    raise RafsError(
+                        f"{what}: chunk {i} names blob {c.blob_index}, the table has {len(self.blob_ids)}"
+                    )
+                if c.uncompressed_size > self.sb.chunk_size or c.file_offset + c.uncompressed_size > size:
+                    raise RafsError(f"{what}: chunk {i} lies outside the file")
         node = V5Inode(off, dig, parent, i_ino, uid, gid, mode, size, flags, nlink, cidx, ccount, rdev, mtime,
                        mtime_nsec, name, symlink, xattrs, chunks)  # fmt: skip
         self._cache[ino] = node
@@ -202,8 +219,13 @@ class RafsV5:
         out = bytearray(inode.size)
         for i, c in enumerate(inode.chunks):
             what = f"v5 inode {inode.ino} chunk {i} (blob {self.blob_ids[c.blob_index]})"
-            blob.seek(c.compressed_offset)
-            raw = blob.read(c.compressed_size)
+            if c.compressed_offset > 1 << 62 or c.compressed_size > 2 * self.sb.chunk_size + 4096:
+                raise RafsError(f"{what}: implausible blob range")
+            try:
+                blob.seek(c.compressed_offset)
+                raw = blob.read(c.compressed_size)
+            except OSError as exc:
+                raise RafsError(f"{what}: cannot read the blob at {c.compressed_offset}: {exc}") from exc
             if len(raw) != c.compressed_size:
                 raise RafsError(f"{what}: blob truncated")
             data = raw
@@ -225,6 +247,8 @@ def tree_from_v5(image: RafsV5, blob: BinaryIO | None) -> Node:
     def make(ino: V5Inode) -> Node:
         found = by_ino.get(ino.ino)
         if found is not None:
+            if found.is_dir:
+                raise RafsError(f"directory inode {ino.ino} is reached twice (a loop in the tree)")
             return found
         node = Node(Kind(stat.S_IFMT(ino.mode)), stat.S_IMODE(ino.mode), ino.uid, ino.gid, ino.mtime,
                     ino.mtime_nsec, dict(ino.xattrs))  # fmt: skip

@@ -107,3 +107,20 @@ def test_v5_unpack_cli_and_corruption(tmp_path: Path) -> None:
         image.read_file(node, f)
     with pytest.raises(RafsError, match="outside"):
         list(RafsV5(BOOT.read_bytes()[:9000]).walk())
+
+
+def test_v5_corruptions_found_by_fuzzing(tmp_path: Path) -> None:
+    import struct
+
+    raw = bytearray(BOOT.read_bytes())
+    root_off = struct.unpack_from("<I", raw, 8192)[0] << 3
+    loop = bytearray(raw)
+    struct.pack_into("<II", loop, root_off + 92, 1, 1)  # root's only child is the root itself
+    with open(BLOB, "rb") as blob, pytest.raises(RafsError, match="reached twice"):
+        tree_from_v5(RafsV5(bytes(loop)), blob)
+    image = RafsV5(bytes(raw))
+    ino = next(i for p, i in image.walk() if p == b"normal-file-test/test.sh")
+    huge = bytearray(raw)
+    struct.pack_into("<Q", huge, ino.offset + 64, 1 << 50)  # i_size: would need 2^30 chunks
+    with pytest.raises(RafsError, match="chunks for a"):
+        list(RafsV5(bytes(huge)).walk())
