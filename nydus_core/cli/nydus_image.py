@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nydus_core.rafs import RafsError
+from nydus_core.rafs.blob import read_toc
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version
 from nydus_core.rafs.erofs import ErofsImage, Inode
 from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
@@ -200,6 +201,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     blobs = _blob_set(bs, args.blob, args.blob_dir)
     count = 0
     try:
+        if blobs is not None:
+            for entry in bs.blobs:
+                if (
+                    entry.blob_toc_size
+                    and entry.blob_id in blobs.paths
+                    and os.path.exists(blobs.paths[entry.blob_id])
+                ):
+                    with open(blobs.paths[entry.blob_id], "rb") as f:
+                        read_toc(f, entry.blob_id, expected_digest=entry.blob_toc_digest)
         for path, ino in bs.walk():
             count += 1
             bs.erofs.xattrs(ino)

@@ -614,22 +614,37 @@ def build(root: Node, blob_out: BinaryIO | None, options: BuildOptions | None = 
 
 def build_to_paths(root: Node, bootstrap_path: str, blob_path: str | None, blob_dir: str | None,
                    options: BuildOptions | None = None) -> BuildResult:  # fmt: skip
-    """`create`'s file handling: the blob goes to `blob_path`, or into `blob_dir` named by its id."""
-    tmp_blob = blob_path or (os.path.join(blob_dir, ".blob.tmp") if blob_dir else None)
-    if tmp_blob is None:
-        result = build(root, None, options)
-    else:
-        with open(tmp_blob, "wb") as f:
-            result = build(root, f, options)
-        if blob_path is None and blob_dir is not None:
-            if result.blob is None:
+    """`create`'s file handling: the blob goes to `blob_path`, or into `blob_dir` named by its id.
+
+    Outputs are written under temporary names next to their targets and renamed at the end, so a
+    failed build (bad input, full disk) leaves neither a partial blob nor a partial bootstrap.
+    """
+    tmp_blob = (
+        (blob_path + ".tmp") if blob_path else (os.path.join(blob_dir, ".blob.tmp") if blob_dir else None)
+    )
+    tmp_boot = bootstrap_path + ".tmp"
+    try:
+        if tmp_blob is None:
+            result = build(root, None, options)
+        else:
+            with open(tmp_blob, "wb") as f:
+                result = build(root, f, options)
+        with open(tmp_boot, "wb") as f:
+            f.write(result.bootstrap)
+        if tmp_blob is not None:
+            if blob_path is not None:
+                os.replace(tmp_blob, blob_path)
+            elif result.blob is None:
                 os.unlink(tmp_blob)
             else:
+                assert blob_dir is not None
                 os.replace(tmp_blob, os.path.join(blob_dir, result.blob.blob_id))
-    tmp = bootstrap_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(result.bootstrap)
-    os.replace(tmp, bootstrap_path)
+        os.replace(tmp_boot, bootstrap_path)
+    except BaseException:
+        for leftover in (tmp_blob, tmp_boot):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+        raise
     return result
 
 

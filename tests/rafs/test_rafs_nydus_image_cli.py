@@ -141,3 +141,29 @@ def test_inspect(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(FIX / "bootstrap" / "rafs-v6-2.2.boot")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["compressor"] == "zstd" and doc["chunks"] == 2 and doc["root_nid"] == 128
+
+
+def test_failed_create_writes_nothing(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tf:
+        ok = tarfile.TarInfo("ok")
+        ok.size = 3
+        tf.addfile(ok, __import__("io").BytesIO(b"abc"))
+        bad = tarfile.TarInfo("../../etc/cron.d/x")
+        bad.size = 1
+        tf.addfile(bad, __import__("io").BytesIO(b"x"))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["create", "-B", str(out / "b.boot"), "-b", str(out / "blob"), str(evil)]) == 1
+    assert main(["create", "-B", str(out / "b.boot"), "-D", str(out), str(evil)]) == 1
+    assert list(out.iterdir()) == []
+
+
+def test_check_verifies_blob_toc(tmp_path: Path) -> None:
+    boot, blob = tmp_path / "b.boot", tmp_path / "blob"
+    assert main(["create", "-B", str(boot), "-b", str(blob), str(rich_tar(tmp_path))]) == 0
+    assert main(["check", "-B", str(boot), "-b", str(blob)]) == 0
+    data = bytearray(blob.read_bytes())
+    data[-600] ^= 1  # inside the ToC entries
+    blob.write_bytes(bytes(data))
+    assert main(["check", "-B", str(boot), "-b", str(blob)]) == 1
