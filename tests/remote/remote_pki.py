@@ -33,12 +33,16 @@ def _write(directory: Path, stem: str, cert: x509.Certificate, key: rsa.RSAPriva
     return KeyPair(cert_path, key_path)
 
 
-def _builder(subject: str, issuer: str, public: rsa.RSAPublicKey) -> x509.CertificateBuilder:
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _builder(subject: str, issuer: x509.Name, public: rsa.RSAPublicKey) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -49,7 +53,7 @@ def _builder(subject: str, issuer: str, public: rsa.RSAPublicKey) -> x509.Certif
 def make_ca(directory: Path, name: str = "nydus-core test CA") -> tuple[KeyPair, rsa.RSAPrivateKey]:
     key = _key()
     cert = (
-        _builder(name, name, key.public_key())
+        _builder(name, _name(name), key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False,
@@ -65,8 +69,7 @@ def make_server_cert(directory: Path, ca: KeyPair, ca_key: rsa.RSAPrivateKey) ->
     key = _key()
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     cert = (
-        _builder("127.0.0.1", ca_cert.subject.rfc4514_string().removeprefix("CN="), key.public_key())
-        .issuer_name(ca_cert.subject)
+        _builder("127.0.0.1", ca_cert.subject, key.public_key())
         .add_extension(x509.SubjectAlternativeName([
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
         ]), critical=False)
@@ -79,5 +82,5 @@ def make_server_cert(directory: Path, ca: KeyPair, ca_key: rsa.RSAPrivateKey) ->
 def make_signing_cert(directory: Path) -> KeyPair:
     """A self-signed certificate whose key signs registry tokens (the registry's rootcertbundle)."""
     key = _key()
-    cert = _builder("token-signer", "token-signer", key.public_key()).sign(key, hashes.SHA256())
+    cert = _builder("token-signer", _name("token-signer"), key.public_key()).sign(key, hashes.SHA256())
     return _write(directory, "token", cert, key)
