@@ -1,0 +1,161 @@
+"""Daemon state shared by the API server and the filesystem backend.
+
+States follow upstream: INIT while starting, RUNNING once the backend serves. Images are keyed by
+their mount id: ``""`` for the image a dedicated daemon got on its command line, the snapshot id
+for images attached to a shared daemon through ``POST /api/v1/mount?mountpoint=/<id>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from nydus_core.nydusd import __version__
+from nydus_core.nydusd.config import ConfigInvalid, NydusdConfig, RegistryFactory
+from nydus_core.nydusd.instance import RafsInstance, merge_counts
+from nydus_core.rafs import RafsError
+
+log = logging.getLogger(__name__)
+
+STATE_INIT = "INIT"
+STATE_READY = "READY"
+STATE_RUNNING = "RUNNING"
+
+
+class ApiError(Exception):
+    """An API request failed; `status` is the HTTP status, `code` upstream's error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def git_commit() -> str:
+    """The commit of the checkout this code runs from (upstream prints it in ``--version``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+
+
+def version_info() -> dict[str, str]:
+    return {
+        "package_ver": f"nydusd-py {__version__}",
+        "git_commit": git_commit(),
+        "build_time": "",
+        "profile": "release",
+        "rustc": "",
+    }
+
+
+Listener = Callable[[str, RafsInstance | None], None]
+
+
+class DaemonRuntime:
+    """The set of served images plus daemon state; thread safe."""
+
+    def __init__(self, daemon_id: str = "", *, shared: bool, registry_factory: RegistryFactory | None = None,
+                 prefetch_files: list[str] | None = None) -> None:  # fmt: skip
+        self.id = daemon_id
+        self.shared = shared
+        self.state = STATE_INIT
+        self.version = version_info()
+        self.registry_factory = registry_factory
+        self.prefetch_files = prefetch_files or []
+        self._lock = threading.Lock()
+        self.instances: dict[str, RafsInstance] = {}
+        self.slots: dict[str, int] = {}  # mount id -> small stable number (backend inode spaces)
+        self.listeners: list[Listener] = []
+
+    def _open(self, bootstrap: str, config_text: str) -> RafsInstance:
+        try:
+            config = NydusdConfig.from_json(config_text)
+        except ConfigInvalid as e:
+            raise ApiError(400, "EINVAL", str(e)) from e
+        try:
+            inst = RafsInstance(bootstrap, config, registry_factory=self.registry_factory,
+                                prefetch_files=self.prefetch_files)  # fmt: skip
+        except FileNotFoundError as e:
+            raise ApiError(404, "ENOENT", f"bootstrap {bootstrap}: {e.strerror}") from e
+        except (RafsError, ConfigInvalid) as e:
+            raise ApiError(400, "EINVAL", f"bootstrap {bootstrap}: {e}") from e
+        except OSError as e:
+            raise ApiError(500, "EIO", f"bootstrap {bootstrap}: {e}") from e
+        return inst
+
+    def add(self, mount_id: str, bootstrap: str, config_text: str) -> RafsInstance:
+        """Open and register an image (`mount_id` "" for a dedicated daemon's own image)."""
+        if self.shared and not mount_id:
+            raise ApiError(400, "EINVAL", "a shared daemon mounts images at /<id>, not at /")
+        if "/" in mount_id or mount_id in (".", ".."):
+            raise ApiError(400, "EINVAL", f"invalid mountpoint /{mount_id}")
+        with self._lock:
+            if mount_id in self.instances:
+                raise ApiError(409, "EEXIST", f"/{mount_id} is already mounted")
+        inst = self._open(bootstrap, config_text)
+        with self._lock:
+            if mount_id in self.instances:
+                inst.close()
+                raise ApiError(409, "EEXIST", f"/{mount_id} is already mounted")
+            self.instances[mount_id] = inst
+            if mount_id not in self.slots:
+                self.slots[mount_id] = max(self.slots.values(), default=0) + 1
+        inst.start_prefetch()
+        for cb in self.listeners:
+            cb(mount_id, inst)
+        log.info("mounted /%s from %s (%d blob(s))", mount_id, bootstrap, len(inst.caches))
+        return inst
+
+    def remove(self, mount_id: str) -> None:
+        with self._lock:
+            inst = self.instances.pop(mount_id, None)
+        if inst is None:
+            raise ApiError(404, "ENOENT", f"/{mount_id} is not mounted")
+        for cb in self.listeners:
+            cb(mount_id, None)
+        inst.close()
+        log.info("umounted /%s", mount_id)
+
+    def get(self, mount_id: str) -> RafsInstance | None:
+        return self.instances.get(mount_id)
+
+    def _select(self, sid: str | None) -> list[tuple[str, RafsInstance]]:
+        with self._lock:
+            items = list(self.instances.items())
+        if sid is None:
+            return items
+        found = [(k, v) for k, v in items if k == sid]
+        if not found:
+            raise ApiError(404, "ENOENT", f"no image mounted at /{sid}")
+        return found
+
+    def metrics(self, kind: str, sid: str | None) -> Any:
+        chosen = self._select(sid)
+        docs = [getattr(inst, f"{kind}_metrics")(f"/{k}" if k else "/") for k, inst in chosen]
+        if sid is not None:
+            return docs[0]
+        merged = merge_counts(docs)
+        merged["id"] = "/"
+        if kind == "blobcache":
+            merged.setdefault("underlying_files", [])
+        return merged
+
+    def daemon_info(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "state": self.state}
+
+    def close(self) -> None:
+        with self._lock:
+            items = list(self.instances.values())
+            self.instances.clear()
+        for inst in items:
+            inst.close()
