@@ -137,7 +137,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise RafsError(f"source {src} does not exist")
     if not args.blob and not args.blob_dir:
         raise RafsError("give --blob or --blob-dir for the data blob")
-    root = tree_from_dir(src) if kind in ("dir-rafs", "directory") else tree_from_tar(src)
+    is_dir = kind in ("dir-rafs", "directory")
+    root = tree_from_dir(src, markers=args.whiteout_spec) if is_dir else tree_from_tar(src)
     prefetch = _prefetch_paths(args.prefetch_policy)
     opts = BuildOptions(args.chunk_size, args.compressor, args.digester, args.whiteout_spec,
                         prefetch=prefetch, blob_inline_meta=args.blob_inline_meta)  # fmt: skip

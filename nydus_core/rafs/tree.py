@@ -407,8 +407,15 @@ def _set_meta(node: Node, meta: dict[str, object]) -> None:
 
 
 # -- directory ---------------------------------------------------------------------------------------
-def tree_from_dir(path: str | os.PathLike[str]) -> Node:
-    """Read a directory tree (no symlink following); hardlinks are detected by (st_dev, st_ino)."""
+def tree_from_dir(path: str | os.PathLike[str], *, markers: str = "none") -> Node:
+    """Read a directory tree (no symlink following); hardlinks are detected by (st_dev, st_ino).
+
+    `markers` says how deletions are spelled in the directory, so a layer directory (e.g. an
+    overlayfs upperdir) becomes a layer tree: "none" (plain tree), "oci" (`.wh.NAME`,
+    `.wh..wh..opq` files) or "overlayfs" (0/0 character devices, `trusted.overlay.opaque=y`).
+    """
+    if markers not in ("none", "oci", "overlayfs"):
+        raise RafsError(f"unknown marker spelling {markers!r} (none, oci, overlayfs)")
     base = os.fspath(path)
     by_ino: dict[tuple[int, int], Node] = {}
 
@@ -436,6 +443,7 @@ def tree_from_dir(path: str | os.PathLike[str]) -> Node:
         elif fmt == stat.S_IFDIR:
             for entry in os.listdir(os.fsencode(p)):
                 node.entries[entry] = load(os.path.join(p, os.fsdecode(entry)))
+            _markers_from_dir(node, markers)
         if st.st_nlink > 1 and fmt != stat.S_IFDIR:
             by_ino[key] = node
         return node
@@ -444,6 +452,23 @@ def tree_from_dir(path: str | os.PathLike[str]) -> Node:
     if not root.is_dir:
         raise RafsError(f"{base} is not a directory")
     return root
+
+
+def _markers_from_dir(node: Node, spelling: str) -> None:
+    if spelling == "oci":
+        for name in list(node.entries):
+            if name == OPAQUE_MARKER:
+                node.opaque = node.entries.pop(name)
+            elif name.startswith(WHITEOUT_PREFIX) and len(name) > len(WHITEOUT_PREFIX):
+                node.whiteouts[name[len(WHITEOUT_PREFIX) :]] = node.entries.pop(name)
+    elif spelling == "overlayfs":
+        for name, child in list(node.entries.items()):
+            if child.kind is Kind.CHAR and child.rdev == (0, 0):
+                node.whiteouts[name] = node.entries.pop(name)
+        for key in (b"trusted.overlay.opaque", b"user.overlay.opaque"):
+            if node.xattrs.get(key) == b"y":
+                del node.xattrs[key]
+                node.opaque = Node(Kind.REG, 0, node.uid, node.gid, node.mtime, node.mtime_nsec)
 
 
 # -- overlay merge -------------------------------------------------------------------------------------

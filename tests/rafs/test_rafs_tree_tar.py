@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from nydus_core.rafs import RafsError
-from nydus_core.rafs.tree import Kind, link_counts, merge_layers, tree_from_tar, walk, write_tar
+from nydus_core.rafs.tree import (
+    Kind,
+    link_counts,
+    merge_layers,
+    tree_from_dir,
+    tree_from_tar,
+    walk,
+    write_tar,
+)
 
 
 def make_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
@@ -137,3 +146,35 @@ def test_compressed_layers_read_like_the_plain_tar(tmp_path: Path, kind: str) ->
     cut.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(RafsError, match=r"cannot decompress|corrupt tar|not a readable"):
         tree_from_tar(cut)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="overlay mounts need root")
+def test_overlay_upperdir_becomes_a_layer(tmp_path: Path) -> None:
+    """Changes made through a real overlayfs mount, read back from its upperdir, merge to the same tree."""
+    import subprocess
+
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "keep").write_bytes(b"k")
+    (lower / "gone").write_bytes(b"g")
+    (lower / "dir").mkdir()
+    (lower / "dir" / "old").write_bytes(b"o")
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)], check=True)  # fmt: skip
+    try:
+        (mnt / "gone").unlink()
+        for child in (mnt / "dir").iterdir():
+            child.unlink()
+        (mnt / "dir").rmdir()
+        (mnt / "dir").mkdir()  # overlayfs marks the new directory opaque
+        (mnt / "dir" / "new").write_bytes(b"n")
+        (mnt / "added").write_bytes(b"a")
+        seen = {p: (n.kind, n.size) for p, n in walk(tree_from_dir(mnt))}
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    layer = tree_from_dir(upper, markers="overlayfs")
+    assert b"gone" in layer.whiteouts and layer.entries[b"dir"].opaque is not None
+    merged = merge_layers([tree_from_dir(lower), layer])
+    assert {p: (n.kind, n.size) for p, n in walk(merged)} == seen
+    assert b"old" not in merged.entries[b"dir"].entries
