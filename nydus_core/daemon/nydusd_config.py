@@ -20,8 +20,8 @@ from typing import Any
 
 import pluggy
 
-from nydus_core.remote.reference import parse_ref
 from nydus_core.errors import ConfigError
+from nydus_core.remote.reference import parse_ref
 
 # A registry-backed FUSE config in upstream's v1 JSON schema (misc/snapshotter/nydusd-config.fusedev.json).
 DEFAULT_TEMPLATE: dict[str, Any] = {

@@ -55,7 +55,8 @@ class Fault:
 
 @attrs.frozen
 class SeenRequest:
-    """A request the proxy received (headers lower-cased; Authorization is recorded as present/absent)."""
+    """A request the proxy received. The Authorization value is never kept, only whether it was there;
+    `headers` holds the other request headers, names lower-cased."""
 
     method: str
     path: str
@@ -63,6 +64,10 @@ class SeenRequest:
     authorized: bool
     status: int
     fault: str | None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name.lower()), None)
 
 
 def _require_loopback(host: str) -> None:
@@ -201,9 +206,12 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             fault = proxy._take_fault(method, path)
             kind = fault.kind if fault else None
             rng, authorized = self.headers.get("Range"), "Authorization" in self.headers
+            seen_headers = tuple(
+                (k.lower(), v) for k, v in self.headers.items() if k.lower() != "authorization"
+            )
 
             def record(status: int) -> None:
-                proxy._record(SeenRequest(method, path, rng, authorized, status, kind))
+                proxy._record(SeenRequest(method, path, rng, authorized, status, kind, seen_headers))
             if fault is not None and fault.kind == "drop":
                 record(0)
                 self.close_connection = True

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.remote.reference import ImageRef, parse_ref
 from nydus_core.daemon.nydusd_config import (
     DEFAULT_TEMPLATE,
     build_config,
@@ -17,6 +16,7 @@ from nydus_core.daemon.nydusd_config import (
 )
 from nydus_core.errors import ConfigError, InvalidArgument
 from nydus_core.plugins import build_plugin_manager
+from nydus_core.remote.reference import ImageRef, parse_ref
 from nydus_core.snapshot import labels as L
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import attrs
 import pytest
+from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
+from token_server import TokenServer
 
 from nydus_core.plugins import build_plugin_manager
 from nydus_core.remote.credentials import Credentials
 from nydus_core.testing.services import Registry
-from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
-from token_server import TokenServer
 
 USER, PASSWORD = "alice", "s3cret-pa55"
 
@@ -67,7 +67,8 @@ def token_server(pki: Pki) -> Iterator[TokenServer]:
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer) -> Iterator[Registry]:
     """A registry whose ``auth: token:`` realm is `token_server`."""
-    reg = start_registry(tmp_path_factory.mktemp("token-registry"), {"auth": token_server.registry_auth_config()})
+    config = {"auth": token_server.registry_auth_config()}
+    reg = start_registry(tmp_path_factory.mktemp("token-registry"), config)
     yield reg
     reg.stop()
 
@@ -87,7 +88,7 @@ def write_docker_config(directory: Path, host: str, user: str, password: str) ->
 
 
 def hook_credentials(ref: str = "") -> Callable[[str], Credentials | None]:
-    """What the snapshotter passes to the client: ask the ``nydus_credentials`` hook (labels, docker config)."""
+    """What the snapshotter passes to the client: the ``nydus_credentials`` hook (labels, docker config)."""
     pm = build_plugin_manager(entry_points=False)
 
     def provider(host: str) -> Credentials | None:

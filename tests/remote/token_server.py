@@ -22,7 +22,6 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
 from remote_pki import KeyPair
 
 ISSUER = "nydus-core-test-issuer"
@@ -106,7 +105,8 @@ class TokenServer:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
             wanted = [a for a in actions.split(",") if a]
-            granted = wanted if user is not None else [a for a in wanted if a == "pull" and self.anonymous_pull]
+            anonymous = [a for a in wanted if a == "pull" and self.anonymous_pull]
+            granted = wanted if user is not None else anonymous
             if kind and name and granted:
                 access.append({"type": kind, "name": name, "actions": granted})
         now = int(time.time())
