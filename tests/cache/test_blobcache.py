@@ -1,0 +1,190 @@
+"""The blob cache against real blobs written by our RAFS writer (files on disk, real threads)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from nydusd_helpers import Image, build_image, flip_byte
+
+from nydus_core.cache.blobcache import BlobCache, ChunkCorrupt
+from nydus_core.cache.chunk_map import ChunkMap
+from nydus_core.cache.source import LocalFsSource, RegistrySource
+from nydus_core.rafs.bootstrap import Bootstrap, ChunkInfo
+
+CS = 64 * 1024
+
+
+class CountingSource(LocalFsSource):
+    """A localfs source that records every range it serves (and can be slowed down)."""
+
+    def __init__(self, blob_dir: str, delay: float = 0.0) -> None:
+        super().__init__(blob_dir)
+        self.calls: list[tuple[int, int]] = []
+        self.delay = delay
+        self._calls_lock = threading.Lock()
+
+    def read(self, blob_id: str, offset: int, size: int) -> bytes:
+        with self._calls_lock:
+            self.calls.append((offset, size))
+        if self.delay:
+            time.sleep(self.delay)
+        return super().read(blob_id, offset, size)
+
+
+def _image(tmp_path: Path) -> tuple[Image, Bootstrap, bytes]:
+    data = os.urandom(10 * CS + 1234)
+    img = build_image(tmp_path / "img", {"data.bin": data, "small.txt": b"small\n"}, chunk_size=CS)
+    return img, Bootstrap.open(img.bootstrap), data
+
+
+def _cache(img: Image, bs: Bootstrap, work: Path, source: object = None, **kw: object) -> BlobCache:
+    src = source if source is not None else LocalFsSource(str(img.blob_dir))
+    return BlobCache(bs.blobs[0], bs.chunks, src, str(work), **kw)  # type: ignore[arg-type]
+
+
+def _file_chunks(bs: Bootstrap, path: str) -> list[ChunkInfo]:
+    node = bs.erofs.lookup(path)
+    return [bs.chunk_info(r, path) for r in bs.file_chunks(node)]
+
+
+def test_read_through_cache_matches_source_and_persists(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    work = tmp_path / "cache"
+    cache = _cache(img, bs, work)
+    chunks = _file_chunks(bs, "data.bin")
+    got = b"".join(cache.read(c) for c in chunks)
+    assert got == data
+    assert cache.stats.misses >= 1
+    data_file = work / f"{img.blob_id}.blob.data"
+    assert data_file.exists() and (work / f"{img.blob_id}.blob.data.chunk_map").exists()
+    assert cache.cached_bytes() >= len(data)
+    cache.close()
+    # a new cache (daemon restart) finds every chunk ready and never touches the backend
+    src = CountingSource(str(img.blob_dir))
+    again = _cache(img, bs, work, src)
+    assert all(again.is_ready(c) for c in chunks)
+    assert b"".join(again.read(c) for c in chunks) == data
+    assert src.calls == [] and again.stats.hits == len(chunks)
+    # a slice of a cached chunk comes straight from the data file
+    assert again.read(chunks[3], 100, 200) == data[3 * CS + 100 : 3 * CS + 200]
+    again.close()
+
+
+def test_digest_mismatch_raises_names_blob_and_chunk_and_caches_nothing(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    work = tmp_path / "cache"
+    chunks = _file_chunks(bs, "data.bin")
+    victim = chunks[2]
+    original = flip_byte(img.blob, victim.compressed_offset + victim.compressed_size // 2)
+    cache = _cache(img, bs, work, amplify_io=0)
+    with pytest.raises(ChunkCorrupt) as exc:
+        cache.read(victim)
+    assert img.blob_id in str(exc.value) and f"chunk {victim.index}" in str(exc.value)
+    assert not cache.is_ready(victim)
+    # nothing of it reached the data file (still a hole)
+    with open(work / f"{img.blob_id}.blob.data", "rb") as f:
+        f.seek(victim.uncompressed_offset)
+        assert f.read(victim.uncompressed_size) == bytes(victim.uncompressed_size)
+    chunk_map = ChunkMap(str(work / f"{img.blob_id}.blob.data.chunk_map"), bs.blobs[0].chunk_count)
+    assert chunk_map.ready_count() == 0
+    # the fault goes away (blob replaced by a new file): the same read succeeds
+    tmp = img.blob.with_suffix(".new")
+    tmp.write_bytes(original)
+    os.replace(tmp, img.blob)
+    assert cache.read(victim) == data[2 * CS : 3 * CS]
+    assert cache.is_ready(victim)
+    cache.close()
+
+
+def test_corrupt_neighbour_in_amplified_read_fails_only_itself(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    chunks = _file_chunks(bs, "data.bin")
+    victim = chunks[1]
+    flip_byte(img.blob, victim.compressed_offset + 3)
+    src = CountingSource(str(img.blob_dir))
+    cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=1 << 20)
+    assert cache.read(chunks[0]) == data[:CS]  # one range read covering chunk 1 too
+    assert len(src.calls) == 1
+    assert not cache.is_ready(victim) and cache.is_ready(chunks[2])
+    with pytest.raises(ChunkCorrupt):
+        cache.read(victim)
+    cache.close()
+
+
+def test_single_flight_one_fetch_for_many_readers(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    chunks = _file_chunks(bs, "data.bin")
+    src = CountingSource(str(img.blob_dir), delay=0.2)
+    cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=0)
+    results: list[bytes] = []
+    lock = threading.Lock()
+
+    def reader() -> None:
+        got = cache.read(chunks[4])
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [data[4 * CS : 5 * CS]] * 8
+    assert src.calls == [(chunks[4].compressed_offset, chunks[4].compressed_size)]
+    cache.close()
+
+
+def test_amplified_reads_are_bounded(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    chunks = _file_chunks(bs, "data.bin")
+    src = CountingSource(str(img.blob_dir))
+    limit = 3 * CS
+    cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=limit)
+    assert b"".join(cache.read(c) for c in chunks) == data
+    assert 1 < len(src.calls) < len(chunks)  # fewer requests than chunks, but more than one
+    assert all(size <= limit for _, size in src.calls)
+    cache.close()
+
+
+def test_registry_source_adapter_calls_read_range(tmp_path: Path) -> None:
+    img, bs, data = _image(tmp_path)
+    seen: list[tuple[str, int, int]] = []
+    blob = img.blob.read_bytes()
+
+    def read_range(blob_id: str, offset: int, size: int) -> bytes:
+        seen.append((blob_id, offset, size))
+        return blob[offset : offset + size]
+
+    cache = _cache(img, bs, tmp_path / "cache", RegistrySource(read_range))
+    chunks = _file_chunks(bs, "data.bin")
+    assert cache.read(chunks[0]) == data[:CS]
+    assert seen and seen[0][0] == img.blob_id
+    # a short answer from the registry is an error, not silently cached garbage
+    short = RegistrySource(lambda b, o, s: blob[o : o + s - 1])
+    other = _cache(img, bs, tmp_path / "cache2", short, amplify_io=0)
+    with pytest.raises(OSError, match="wanted"):
+        other.read(chunks[5])
+    assert not other.is_ready(chunks[5])
+    cache.close()
+    other.close()
+
+
+def test_chunk_map_ignores_foreign_or_mismatched_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.chunk_map"
+    m = ChunkMap(str(path), 20)
+    m.mark(3)
+    m.mark(19)
+    m.close()
+    again = ChunkMap(str(path), 20)
+    assert again.is_ready(3) and again.is_ready(19) and again.ready_count() == 2
+    again.close()
+    # a different chunk count means another layout: start empty rather than trust it
+    other = ChunkMap(str(path), 21)
+    assert other.ready_count() == 0
+    other.close()
+    path.write_bytes(b"garbage")
+    assert ChunkMap(str(path), 20).ready_count() == 0
