@@ -402,8 +402,10 @@ class BootstrapBuilder:
             if w is None:
                 raise RafsError(f"prefetch path {want.decode(errors='replace')} is not in the image")
             prefetch.append(w)
-        root_off = _align(prefetch_off + 4 * len(prefetch), BLKSZ)
-        meta_blkaddr = root_off // BLKSZ - 1
+        # As nydus-image does: the meta area starts at the first free block and the root inode one
+        # block later, so the root nid is 128 and no nid below it is ever used.
+        meta_blkaddr = _align(prefetch_off + 4 * len(prefetch), BLKSZ) // BLKSZ
+        root_off = (meta_blkaddr + 1) * BLKSZ
 
         # Pass 1: inode positions (nids), inline decisions; full data blocks deferred.
         pos = root_off
@@ -487,7 +489,9 @@ class BootstrapBuilder:
                 inode.u = encode_rdev(*w.node.rdev)
             elif data:
                 inode.size = len(data)
-                inode.u = w.blkaddr
+                inline_only = w.layout == LAYOUT_FLAT_INLINE and len(data) < BLKSZ
+                # nydus-image records the meta block holding an all-inline tail; the kernel ignores it
+                inode.u = w.offset // BLKSZ if inline_only else w.blkaddr
             body = inode.pack() + w.xattrs
             out[w.offset : w.offset + len(body)] = body
             end = w.offset + len(body)
@@ -516,7 +520,7 @@ class BootstrapBuilder:
         dig = self.blobs[0].digest_algo if self.blobs else DIGESTER_NAMES["blake3"]
         flags |= COMPRESSION_FLAGS[comp] | DIGEST_FLAGS[dig]
         ext = ExtSuperblock(flags, blob_table_off, nblobs * BLOB_ENTRY_SIZE, self.chunk_size, chunk_table_off,
-                            len(chunk_table), prefetch_off, 4 * len(prefetch))  # fmt: skip
+                            len(chunk_table), prefetch_off if prefetch else 0, 4 * len(prefetch))  # fmt: skip
         table = struct.pack(f"<{len(prefetch)}I", *(w.nid for w in prefetch))
         out[prefetch_off : prefetch_off + len(table)] = table
         mapped = _align(total, SEG_ALIGN) // BLKSZ

@@ -146,3 +146,37 @@ def test_read_range_touches_only_needed_chunks() -> None:
         assert blobs.read_range(lib, 100, 50) == whole[100:150]
         assert blobs.read_range(lib, 16900, 1000) == whole[16900:]
         assert blobs.read_range(lib, 20000, 10) == b""
+
+
+def test_rebuilding_upstream_content_gives_upstream_inodes() -> None:
+    """Same files, same options: our inodes are byte-identical to nydus-image 2.2's (root: but i_ino)."""
+    from nydus_core.rafs.erofs import ErofsImage
+    from nydus_core.rafs.tree import tree_from_bootstrap
+    from nydus_core.rafs.writer import BuildOptions, build
+
+    up = BOOT.read_bytes()
+    bs = Bootstrap(up)
+    with BlobSet.from_dir(bs, str(FIX / "blobs")) as blobs:
+        root = tree_from_bootstrap(bs, blobs.read_file)
+        for node in root.entries.values():
+            node.stored = None  # write the data again instead of referencing upstream's blob
+        result = build(root, io.BytesIO(), BuildOptions(compressor="zstd", digester="blake3"))
+    ours_img, up_img = ErofsImage(result.bootstrap), ErofsImage(up)
+    pairs = list(zip(ours_img.walk(), up_img.walk(), strict=True))
+    for (path, ours), (_, theirs) in pairs:
+        a = bytearray(result.bootstrap[ours.offset : ours.offset + 64])
+        b = bytearray(up[theirs.offset : theirs.offset + 64])
+        if path == b"":
+            a[20:24] = b[20:24] = b"\0\0\0\0"  # i_ino: upstream numbers the root 0, we use 1
+        assert (path, ours.nid, bytes(a)) == (path, theirs.nid, bytes(b))
+    assert sorted(c.digest for c in Bootstrap(result.bootstrap).chunks) == sorted(c.digest for c in bs.chunks)
+    # Everything else in the bootstrap is identical too, except what must differ: the blob's id and
+    # sizes (our zstd frames differ by a byte), the 512 KiB (2.2: 2 MiB) device alignment, root i_ino.
+    ours = result.bootstrap
+    assert len(ours) == len(up)
+    differ = {i for i in range(len(up)) if ours[i] != up[i]}
+    allowed = set(range(1408, 1408 + 64)) | {1476, 1477}  # device slot tag, mapped_blkaddr
+    allowed |= set(range(4096, 4096 + 256))  # blob table entry
+    allowed |= set(range(bs.ext.chunk_table_offset, bs.ext.chunk_table_offset + bs.ext.chunk_table_size))
+    allowed |= set(range(up_img.root.offset + 20, up_img.root.offset + 24))
+    assert differ <= allowed, sorted(differ - allowed)[:10]
