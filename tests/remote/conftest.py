@@ -6,30 +6,17 @@ per module; the token realm is `token_server.TokenServer`; certificates are made
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import attrs
 import pytest
-from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
+from remote_helpers import PASSWORD, USER, Pki, start_registry, write_docker_config
+from remote_pki import make_ca, make_server_cert, make_signing_cert
 from token_server import TokenServer
 
-from nydus_core.plugins import build_plugin_manager
-from nydus_core.remote.credentials import Credentials
 from nydus_core.testing.services import Registry
-
-USER, PASSWORD = "alice", "s3cret-pa55"
-
-
-@attrs.frozen
-class Pki:
-    ca: KeyPair
-    server: KeyPair
-    signing: KeyPair
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +24,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     ca, ca_key = make_ca(d)
     return Pki(ca=ca, server=make_server_cert(d, ca, ca_key), signing=make_signing_cert(d))
-
-
-def start_registry(workdir: Path, config: dict[str, object] | None = None,
-                   tls: tuple[Path, Path] | None = None) -> Registry:
-    reg = Registry(workdir, config=config, tls=tls)
-    reg.start()
-    return reg
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +58,6 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator
     reg = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=(pki.server.cert, pki.server.key))
     yield reg
     reg.stop()
-
-
-def write_docker_config(directory: Path, host: str, user: str, password: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    (directory / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
-    return directory
-
-
-def hook_credentials(ref: str = "") -> Callable[[str], Credentials | None]:
-    """What the snapshotter passes to the client: the ``nydus_credentials`` hook (labels, docker config)."""
-    pm = build_plugin_manager(entry_points=False)
-
-    def provider(host: str) -> Credentials | None:
-        result: Credentials | None = pm.hook.nydus_credentials(host=host, ref=ref, labels={})
-        return result
-
-    return provider
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, USER, hook_credentials, start_registry
+from remote_helpers import PASSWORD, USER, hook_credentials, start_registry
 from token_server import TokenServer
 
 from nydus_core.remote.mirrors import (

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PASSWORD, USER, Pki, hook_credentials
+from remote_helpers import PASSWORD, USER, Pki, hook_credentials
 from token_server import TokenServer
 
 from nydus_core.remote.errors import RegistryAuthError, RegistryError

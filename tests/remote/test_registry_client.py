@@ -184,7 +184,7 @@ class _Redirector:
         self.a = ThreadingHTTPServer(("127.0.0.1", 0), A)
         self.b = ThreadingHTTPServer(("127.0.0.1", 0), B)
         for s in (self.a, self.b):
-            threading.Thread(target=s.serve_forever, daemon=True).start()
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def stop(self) -> None:
         for s in (self.a, self.b):
