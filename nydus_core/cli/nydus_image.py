@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nydus_core.rafs import RafsError
-from nydus_core.rafs.blob import read_toc
+from nydus_core.rafs.blob import read_toc, verify_blob_data
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version
 from nydus_core.rafs.erofs import ErofsImage, Inode
 from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
@@ -210,7 +210,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                     and os.path.exists(blobs.paths[entry.blob_id])
                 ):
                     with open(blobs.paths[entry.blob_id], "rb") as f:
-                        read_toc(f, entry.blob_id, expected_digest=entry.blob_toc_digest)
+                        toc = read_toc(f, entry.blob_id, expected_digest=entry.blob_toc_digest)
+                        verify_blob_data(f, toc, entry.blob_id)
         for path, ino in bs.walk():
             count += 1
             bs.erofs.xattrs(ino)

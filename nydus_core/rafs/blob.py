@@ -238,6 +238,26 @@ def read_toc_section(f: BinaryIO, toc: BlobToc, name: bytes, what: str = "blob")
     return data
 
 
+def verify_blob_data(f: BinaryIO, toc: BlobToc, what: str = "blob") -> None:
+    """Check the `image.blob` ToC digest: sha256 of all chunk data plus its tar header.
+
+    Chunk data always starts at offset 0 (nydus-image 2.2 wrote the data size into the entry's
+    offset field; the size field is reliable).
+    """
+    entry = toc.entries.get(b"image.blob")
+    if entry is None or not any(entry.uncompressed_digest):
+        return
+    h = hashlib.sha256()
+    left, pos = entry.compressed_size + TAR_BLOCK, 0
+    while left:
+        piece = _pread(f, pos, min(left, 1 << 20), f"{what} chunk data")
+        h.update(piece)
+        pos += len(piece)
+        left -= len(piece)
+    if h.digest() != entry.uncompressed_digest:
+        raise DigestMismatch(f"{what}: chunk data does not match the ToC's image.blob digest")
+
+
 # -- chunk info (ci) -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlobChunk:

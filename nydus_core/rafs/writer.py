@@ -181,8 +181,11 @@ class BlobWriter:
             self._write(b"\0" * (self.uoff - self.coff))  # the device covers whole blocks
         data_size = self.coff
         toc: list[TocEntry] = []
-        toc.append(TocEntry(TOC_FLAG_NONE, b"image.blob", b"\0" * 32, 0, data_size, self.uoff))
         self._write(tar_header(b"image.blob", data_size))
+        # like nydus-image: the section digest covers the chunk data and its tar header
+        toc.append(
+            TocEntry(TOC_FLAG_NONE, b"image.blob", self._hasher.copy().digest(), 0, data_size, self.uoff)
+        )
 
         ci_raw = b"".join(pack_ci_v1(c.blob) for c in self.chunks)
         ci_comp, ci_code, ci_flag = ci_raw, COMPRESSOR_NONE, TOC_FLAG_NONE

@@ -15,7 +15,7 @@ from rafs_helpers import create_with_gnu_tar, make_source_tree
 
 from nydus_core.cli.nydus_image import main
 from nydus_core.rafs import DigestMismatch
-from nydus_core.rafs.blob import read_blob_ci, read_toc
+from nydus_core.rafs.blob import read_blob_ci, read_toc, verify_blob_data
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
 
 FIX = Path("/work/shared/fixtures/nydus")
@@ -167,3 +167,8 @@ def test_check_verifies_blob_toc(tmp_path: Path) -> None:
     data[-600] ^= 1  # inside the ToC entries
     blob.write_bytes(bytes(data))
     assert main(["check", "-B", str(boot), "-b", str(blob)]) == 1
+    data[-600] ^= 1
+    data[5] ^= 1  # chunk data: the image.blob ToC digest catches it before any chunk is decoded
+    blob.write_bytes(bytes(data))
+    with open(blob, "rb") as f, pytest.raises(DigestMismatch, match=r"image\.blob"):
+        verify_blob_data(f, read_toc(f))

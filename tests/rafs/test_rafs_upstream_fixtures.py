@@ -10,7 +10,7 @@ import pytest
 from rafs_helpers import erofs_mount, have_root
 
 from nydus_core.rafs import DigestMismatch, RafsError
-from nydus_core.rafs.blob import digest, read_toc, read_toc_section
+from nydus_core.rafs.blob import digest, read_toc, read_toc_section, verify_blob_data
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
 
 FIX = Path("/work/shared/fixtures/nydus")
@@ -50,6 +50,7 @@ def test_blob_toc_sections_and_digest_array() -> None:
         assert set(toc.entries) == {b"image.blob", b"blob.meta", b"blob.meta.header", b"blob.digest"}
         assert toc.size == bs.blobs[0].blob_toc_size
         digests = read_toc_section(f, toc, b"blob.digest", BLOB_ID)
+        verify_blob_data(f, toc, BLOB_ID)  # image.blob digest = sha256(chunk data + tar header)
     chunk_digests = sorted(bs.chunks, key=lambda c: c.index)
     assert digests == b"".join(c.digest for c in chunk_digests)
 
