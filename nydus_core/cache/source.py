@@ -41,7 +41,8 @@ class LocalFsSource:
             raise CacheError("localfs backend needs config.dir or config.blob_file")
         self.blob_dir = blob_dir
         self.blob_file = blob_file
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, tuple[int, tuple[int, int]]] = {}
+        self._retired: list[int] = []
         self._lock = threading.Lock()
 
     def path_of(self, blob_id: str) -> str:
@@ -53,15 +54,32 @@ class LocalFsSource:
         return os.path.join(self.blob_dir, blob_id)
 
     def _fd(self, blob_id: str) -> int:
+        """An open descriptor of the blob's current file.
+
+        The path is stat'ed on every backend read (cheap next to the read itself) so that a blob
+        file replaced on disk, e.g. restored after corruption, is reopened rather than read
+        through a descriptor of the old file.
+        """
+        path = self.path_of(blob_id)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CacheError(e.errno, f"localfs backend: blob {blob_id}: {e.strerror}: {path}") from e
         with self._lock:
-            fd = self._fds.get(blob_id)
-            if fd is None:
-                path = self.path_of(blob_id)
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as e:
-                    raise CacheError(e.errno, f"localfs backend: blob {blob_id}: {e.strerror}: {path}") from e
-                self._fds[blob_id] = fd
+            cached = self._fds.get(blob_id)
+            if cached is not None:
+                fd, ident = cached
+                if ident == (st.st_dev, st.st_ino):
+                    return fd
+                # Another thread may still be reading through it: retire it, close at the end.
+                self._retired.append(fd)
+                del self._fds[blob_id]
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CacheError(e.errno, f"localfs backend: blob {blob_id}: {e.strerror}: {path}") from e
+            opened = os.fstat(fd)
+            self._fds[blob_id] = (fd, (opened.st_dev, opened.st_ino))
             return fd
 
     def read(self, blob_id: str, offset: int, size: int) -> bytes:
@@ -75,13 +93,14 @@ class LocalFsSource:
     def forget(self, blob_id: str) -> None:
         """Close a cached descriptor (the file was replaced, e.g. restored after corruption)."""
         with self._lock:
-            fd = self._fds.pop(blob_id, None)
-        if fd is not None:
-            os.close(fd)
+            cached = self._fds.pop(blob_id, None)
+            if cached is not None:
+                self._retired.append(cached[0])
 
     def close(self) -> None:
         with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
+            fds = [fd for fd, _ in self._fds.values()] + self._retired
+            self._fds, self._retired = {}, []
         for fd in fds:
             os.close(fd)
 
