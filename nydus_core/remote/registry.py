@@ -176,6 +176,7 @@ class RegistryClient:
         self._mirrors = [self._mirror_endpoint(m) for m in mirrors]
         self.auth = Authenticator(origin_http, credentials_provider)
         self._warned_full_body = False
+        self._origin_pinged = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ setup
@@ -228,7 +229,7 @@ class RegistryClient:
     def _learn_origin_challenge(self) -> None:
         """Ask the origin's ``/v2/`` once how it wants to be authenticated (for non-auth-through mirrors)."""
         with self._lock:
-            if getattr(self, "_origin_pinged", False):
+            if self._origin_pinged:
                 return
             self._origin_pinged = True
         try:

@@ -11,6 +11,7 @@ import attrs
 from remote_pki import KeyPair
 
 from nydus_core.plugins import build_plugin_manager
+from nydus_core.remote import backend
 from nydus_core.remote.credentials import Credentials
 from nydus_core.testing.services import Registry
 
@@ -40,10 +41,4 @@ def write_docker_config(directory: Path, host: str, user: str, password: str) ->
 
 def hook_credentials(ref: str = "") -> Callable[[str], Credentials | None]:
     """What the snapshotter passes to the client: the ``nydus_credentials`` hook (labels, docker config)."""
-    pm = build_plugin_manager(entry_points=False)
-
-    def provider(host: str) -> Credentials | None:
-        result: Credentials | None = pm.hook.nydus_credentials(host=host, ref=ref, labels={})
-        return result
-
-    return provider
+    return backend.hook_credentials(build_plugin_manager(entry_points=False).hook, ref, {})

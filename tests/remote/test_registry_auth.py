@@ -121,3 +121,29 @@ def test_tls_with_custom_ca(tls_registry: Registry, pki: Pki) -> None:
     assert "TLS verification" in str(e.value) and tls_registry.host in str(e.value)
     with RegistryClient(tls_registry.host, "tls/app", skip_verify=True) as c:
         assert c.blob_size(digest(data)) == len(data)
+
+
+def test_daemon_config_from_the_snapshotter_builds_a_working_client(
+    basic_registry: Registry, docker_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The snapshotter's nydusd JSON (credentials put in ``auth`` by the hook) drives the daemon's client."""
+    from nydus_core.daemon.nydusd_config import DEFAULT_TEMPLATE, build_config
+    from nydus_core.plugins import build_plugin_manager
+    from nydus_core.remote.backend import BackendConfigError, client_from_backend_config
+
+    docker_config(basic_registry.host)
+    data = os.urandom(70_000)
+    with RegistryClient(basic_registry.host, "private/daemon", plain_http=True,
+                        credentials_provider=hook_credentials()) as c:
+        c.push_blob(data)
+    template = {**DEFAULT_TEMPLATE}
+    template["device"] = {**DEFAULT_TEMPLATE["device"], "backend": {
+        "type": "registry", "config": {"scheme": "http", "timeout": 5, "retry_limit": 1}}}
+    doc = build_config(template, image_ref=f"{basic_registry.host}/private/daemon:latest", rafs_key="k",
+                       cache_dir=tmp_path, labels={}, pm=build_plugin_manager(entry_points=False))
+    cfg = doc["device"]["backend"]["config"]
+    assert cfg["auth"] and PASSWORD not in str(doc)  # base64 only, as upstream writes it
+    with client_from_backend_config(cfg) as c:
+        assert c.read_range(digest(data), 1, 3) == data[1:4]
+    with pytest.raises(BackendConfigError, match="host"):
+        client_from_backend_config({"repo": "x"})
