@@ -91,6 +91,7 @@ class Authenticator:
         self._lock = threading.Lock()
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str, str], _Token] = {}
+        self._fetch_locks: dict[tuple[str, str, str], threading.Lock] = {}
         self._creds_cache: dict[str, Credentials | None] = {}
         #: Every token-realm request made (realm URL without query), for metrics and tests.
         self.token_requests = 0
@@ -151,12 +152,22 @@ class Authenticator:
             raise RegistryError(f"registry {host} sent a Bearer challenge without a realm")
         service = challenge.params.get("service", "")
         key = (realm, service, scope)
-        now = time.monotonic()
         with self._lock:
-            cached = self._tokens.get(key)
-            if cached is not None and not refresh and cached.expires_at > now:
-                return cached.value
-            self._tokens.pop(key, None)
+            fetch_lock = self._fetch_locks.setdefault(key, threading.Lock())
+            stale = self._tokens.get(key) if refresh else None
+        # One fetch per key at a time: threads that start together share the first thread's token.
+        with fetch_lock:
+            with self._lock:
+                cached = self._tokens.get(key)
+                if cached is not None and cached is not stale and cached.expires_at > time.monotonic():
+                    return cached.value
+                self._tokens.pop(key, None)
+            return self._fetch_token(host, repo, key, creds, creds_host)
+
+    def _fetch_token(
+        self, host: str, repo: str, key: tuple[str, str, str], creds: Credentials | None, creds_host: str
+    ) -> str:
+        realm, service, scope = key
         params = {"scope": scope} if scope else {}
         if service:
             params["service"] = service

@@ -147,3 +147,34 @@ def test_daemon_config_from_the_snapshotter_builds_a_working_client(
         assert c.read_range(digest(data), 1, 3) == data[1:4]
     with pytest.raises(BackendConfigError, match="host"):
         client_from_backend_config({"repo": "x"})
+
+
+def test_threads_starting_together_share_one_token(
+    token_registry: Registry, docker_config: Callable[..., Path]
+) -> None:
+    import threading
+
+    docker_config(token_registry.host)
+    data = os.urandom(64_000)
+    with RegistryClient(token_registry.host, "private/threads", plain_http=True,
+                        credentials_provider=hook_credentials()) as c:
+        c.push_blob(data)
+    errors: list[BaseException] = []
+    with RegistryClient(token_registry.host, "private/threads", plain_http=True,
+                        credentials_provider=hook_credentials()) as c:
+        start = threading.Barrier(8)
+
+        def read(k: int) -> None:
+            try:
+                start.wait(10)
+                assert c.read_range(digest(data), k * 1000, 1000) == data[k * 1000 : (k + 1) * 1000]
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert c.auth.token_requests == 1
