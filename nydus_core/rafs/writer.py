@@ -86,8 +86,9 @@ from nydus_core.rafs.erofs import (
 )
 from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node, merge_layers, sorted_walk, tree_from_bootstrap
 
-BLKSZ = 4096
+BLKSZ = 4096  # uncompressed chunk alignment in blobs; also the default EROFS block size
 BLKBITS = 12
+PAGE = 4096  # byte alignment of the bootstrap's tables and areas, whatever the block size
 ROOT_NID = 128
 SEG_ALIGN = 0x80000  # blobs start on 512 KiB boundaries in the flat address space
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
@@ -290,13 +291,13 @@ class _WInode:
     path: bytes = b""
 
 
-def _dir_blocks(names: list[tuple[bytes, int, int]]) -> bytes:
+def _dir_blocks(names: list[tuple[bytes, int, int]], blksz: int = BLKSZ) -> bytes:
     """Sorted (name, nid, file type) -> self-contained directory blocks; last block is short."""
     blocks: list[list[tuple[bytes, int, int]]] = [[]]
     used = 0
     for item in names:
         need = DIRENT_SIZE + len(item[0])
-        if used + need > BLKSZ:
+        if used + need > blksz:
             blocks.append([])
             used = 0
         blocks[-1].append(item)
@@ -311,13 +312,13 @@ def _dir_blocks(names: list[tuple[bytes, int, int]]) -> bytes:
             names_raw += name
         buf += names_raw
         if i + 1 < len(blocks):
-            buf += b"\0" * (BLKSZ - len(buf))
+            buf += b"\0" * (blksz - len(buf))
         out += buf
     return bytes(out)
 
 
-def _dir_size(names: list[bytes]) -> int:
-    return len(_dir_blocks([(n, 0, 0) for n in sorted(names)]))
+def _dir_size(names: list[bytes], blksz: int = BLKSZ) -> int:
+    return len(_dir_blocks([(n, 0, 0) for n in sorted(names)], blksz))
 
 
 class BootstrapBuilder:
@@ -325,8 +326,10 @@ class BootstrapBuilder:
 
     def __init__(self, root: Node, blobs: list[BlobEntry], chunk_size: int, whiteout_spec: str,
                  file_chunks: dict[int, list[tuple[int, _Chunk]]],
-                 prefetch: list[str] | None = None) -> None:  # fmt: skip
+                 prefetch: list[str] | None = None, blkszbits: int = BLKBITS) -> None:  # fmt: skip
         self.root = root
+        self.blkszbits = blkszbits
+        self.blksz = 1 << blkszbits
         self.blobs = blobs
         self.chunk_size = chunk_size
         self.whiteout_spec = whiteout_spec
@@ -388,16 +391,17 @@ class BootstrapBuilder:
 
     def _data_len(self, w: _WInode) -> int:
         if w.node.is_dir:
-            return _dir_size([b".", b"..", *(n for n, _ in w.entries)])
+            return _dir_size([b".", b"..", *(n for n, _ in w.entries)], self.blksz)
         if w.node.kind is Kind.SYMLINK:
             return len(w.node.link_target)
         return 0
 
     def build(self) -> bytes:
+        blksz = self.blksz
         self._collect()
         nblobs = len(self.blobs)
         slots_end = DEVT_SLOTOFF * DEVICE_SLOT_SIZE + nblobs * DEVICE_SLOT_SIZE
-        blob_table_off = _align(max(slots_end, BLKSZ), BLKSZ)
+        blob_table_off = _align(max(slots_end, PAGE), PAGE)
         prefetch_off = blob_table_off + nblobs * BLOB_ENTRY_SIZE
         prefetch = []
         for want in self.prefetch:
@@ -407,8 +411,8 @@ class BootstrapBuilder:
             prefetch.append(w)
         # As nydus-image does: the meta area starts at the first free block and the root inode one
         # block later, so the root nid is 128 and no nid below it is ever used.
-        meta_blkaddr = _align(prefetch_off + 4 * len(prefetch), BLKSZ) // BLKSZ
-        root_off = (meta_blkaddr + 1) * BLKSZ
+        meta_blkaddr = _align(prefetch_off + 4 * len(prefetch), PAGE) // blksz
+        root_off = meta_blkaddr * blksz + PAGE
 
         # Pass 1: inode positions (nids), inline decisions; full data blocks deferred.
         pos = root_off
@@ -421,31 +425,31 @@ class BootstrapBuilder:
                 w.layout = LAYOUT_CHUNK_BASED
                 extra = (-(pos + head) % 8) + 8 * len(w.chunks)
             elif dlen:
-                tail = dlen % BLKSZ
-                if tail and head + tail <= BLKSZ:
+                tail = dlen % blksz
+                if tail and head + tail <= blksz:
                     w.layout = LAYOUT_FLAT_INLINE
-                    if pos % BLKSZ + head + tail > BLKSZ:
-                        pos = _align(pos, BLKSZ)
+                    if pos % blksz + head + tail > blksz:
+                        pos = _align(pos, blksz)
                     extra = tail
                     if dlen - tail:
-                        deferred.append((w, (dlen - tail) // BLKSZ))
+                        deferred.append((w, (dlen - tail) // blksz))
                 else:
                     w.layout = LAYOUT_FLAT_PLAIN
-                    deferred.append((w, _align(dlen, BLKSZ) // BLKSZ))
-            if w.layout != LAYOUT_FLAT_INLINE and head <= BLKSZ and pos % BLKSZ + head > BLKSZ:
-                pos = _align(pos, BLKSZ)
+                    deferred.append((w, _align(dlen, blksz) // blksz))
+            if w.layout != LAYOUT_FLAT_INLINE and head <= blksz and pos % blksz + head > blksz:
+                pos = _align(pos, blksz)
             if w.layout == LAYOUT_CHUNK_BASED:
                 extra = (-(pos + head) % 8) + 8 * len(w.chunks)
             w.offset = pos
-            w.nid = (pos - meta_blkaddr * BLKSZ) // ISLOT
+            w.nid = (pos - meta_blkaddr * blksz) // ISLOT
             pos = _align(pos + head + extra, ISLOT)
         if self.inodes[0].nid != ROOT_NID:
             raise RafsError(f"internal: root nid {self.inodes[0].nid} != {ROOT_NID}")
-        block = _align(pos, BLKSZ) // BLKSZ
+        block = _align(pos, blksz) // blksz
         for w, nblocks in deferred:
             w.blkaddr = block
             block += nblocks
-        chunk_table_off = block * BLKSZ
+        chunk_table_off = _align(block * blksz, PAGE)
 
         # Chunk table: one entry per distinct (blob, chunk), sorted by digest.
         distinct: dict[tuple[int, int], tuple[int, _Chunk]] = {}
@@ -468,7 +472,7 @@ class BootstrapBuilder:
         ]
         infos.sort(key=lambda c: (c.digest, c.blob_index, c.index))
         chunk_table = b"".join(c.pack() for c in infos)
-        total = _align(chunk_table_off + len(chunk_table), BLKSZ)
+        total = _align(chunk_table_off + len(chunk_table), PAGE)
         out = bytearray(total)
 
         # Pass 2: serialise inodes and data.
@@ -478,7 +482,7 @@ class BootstrapBuilder:
                 parent = w.parent or w
                 items = [(b".", w.nid, file_type_of(w.mode)), (b"..", parent.nid, file_type_of(parent.mode))]
                 items += [(n, c.nid, file_type_of(c.mode)) for n, c in w.entries]
-                data = _dir_blocks(sorted(items, key=lambda t: t[0]))
+                data = _dir_blocks(sorted(items, key=lambda t: t[0]), blksz)
             elif w.node.kind is Kind.SYMLINK:
                 data = w.node.link_target
             n = w.node
@@ -487,14 +491,14 @@ class BootstrapBuilder:
             inode.xattr_icount = 0 if not w.xattrs else 1 + (len(w.xattrs) - 12) // 4
             if w.node.kind is Kind.REG:
                 inode.size = w.node.size
-                inode.u = CHUNK_FORMAT_INDEXES | (self.chunk_size.bit_length() - 1 - BLKBITS)
+                inode.u = CHUNK_FORMAT_INDEXES | (self.chunk_size.bit_length() - 1 - self.blkszbits)
             elif w.node.kind in (Kind.CHAR, Kind.BLOCK):
                 inode.u = encode_rdev(*w.node.rdev)
             elif data:
                 inode.size = len(data)
-                inline_only = w.layout == LAYOUT_FLAT_INLINE and len(data) < BLKSZ
+                inline_only = w.layout == LAYOUT_FLAT_INLINE and len(data) < blksz
                 # nydus-image records the meta block holding an all-inline tail; the kernel ignores it
-                inode.u = w.offset // BLKSZ if inline_only else w.blkaddr
+                inode.u = w.offset // blksz if inline_only else w.blkaddr
             body = inode.pack() + w.xattrs
             out[w.offset : w.offset + len(body)] = body
             end = w.offset + len(body)
@@ -503,14 +507,14 @@ class BootstrapBuilder:
                 for bi, ch in w.chunks:
                     ci = ch.blob.index
                     addr = struct.pack("<HHI", ci & 0xFFFF, (bi + 1) | ((ci >> 16) << 8),
-                                       ch.blob.uncompressed_offset // BLKSZ)  # fmt: skip
+                                       ch.blob.uncompressed_offset // blksz)  # fmt: skip
                     out[end : end + 8] = addr
                     end += 8
             elif data:
-                tail = len(data) % BLKSZ if w.layout == LAYOUT_FLAT_INLINE else 0
+                tail = len(data) % blksz if w.layout == LAYOUT_FLAT_INLINE else 0
                 full = data[: len(data) - tail]
                 if full:
-                    start = w.blkaddr * BLKSZ
+                    start = w.blkaddr * blksz
                     out[start : start + len(full)] = full
                 if tail:
                     out[end : end + tail] = data[len(data) - tail :]
@@ -526,19 +530,19 @@ class BootstrapBuilder:
                             len(chunk_table), prefetch_off if prefetch else 0, 4 * len(prefetch))  # fmt: skip
         table = struct.pack(f"<{len(prefetch)}I", *(w.nid for w in prefetch))
         out[prefetch_off : prefetch_off + len(table)] = table
-        mapped = _align(total, SEG_ALIGN) // BLKSZ
+        mapped = _align(total, SEG_ALIGN) // blksz
         slots = []
         for i, b in enumerate(self.blobs):
             b.blob_index = i
-            blocks = b.uncompressed_size // BLKSZ
+            blocks = b.uncompressed_size // blksz
             slots.append(DeviceSlot(b.blob_id.encode(), blocks, mapped))
-            mapped += _align(blocks * BLKSZ, SEG_ALIGN) // BLKSZ
+            mapped += _align(blocks * blksz, SEG_ALIGN) // blksz
         sb = Superblock(
             feature_compat=COMPAT_RAFS_V6,
-            blkszbits=BLKBITS,
+            blkszbits=self.blkszbits,
             root_nid=ROOT_NID,
             inos=len(self.inodes),
-            blocks=sum(s.blocks for s in slots) or total // BLKSZ,
+            blocks=sum(s.blocks for s in slots) or total // blksz,
             meta_blkaddr=meta_blkaddr,
             feature_incompat=INCOMPAT_CHUNKED_FILE | (INCOMPAT_DEVICE_TABLE if nblobs else 0),
             extra_devices=nblobs,
