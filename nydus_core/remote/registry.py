@@ -102,6 +102,15 @@ def _tls_failure(e: BaseException) -> str | None:
     return text if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text else None
 
 
+def blob_digest(blob: str) -> str:
+    """A digest for a blob URL: nydus names blobs by bare sha256 hex (the RAFS blob id), OCI by digest."""
+    if ":" not in blob and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+        return "sha256:" + blob
+    if ":" not in blob or "/" in blob or "?" in blob or "#" in blob:
+        raise ValueError(f"not a blob digest or nydus blob id: {blob!r}")
+    return blob
+
+
 def _digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -423,6 +432,7 @@ class RegistryClient:
 
     def blob_size(self, digest: str) -> int:
         """Size of a blob from a HEAD request."""
+        digest = blob_digest(digest)
         resp = self._read(f"blob {digest}", f"/{self.repo}/blobs/{digest}", (200,), method="HEAD")
         resp.close()
         try:
@@ -442,6 +452,7 @@ class RegistryClient:
     @contextlib.contextmanager
     def open_blob(self, digest: str, chunk_size: int = 1 << 20) -> Iterator[Iterator[bytes]]:
         """Stream a whole blob: ``with client.open_blob(d) as chunks: for b in chunks: ...``."""
+        digest = blob_digest(digest)
         resp = self._read(f"blob {digest}", f"/{self.repo}/blobs/{digest}", (200,), stream=True)
         try:
             yield resp.iter_bytes(chunk_size)
@@ -455,13 +466,18 @@ class RegistryClient:
 
     def read_blob(self, digest: str) -> bytes:
         """A whole blob in memory, digest-checked."""
+        digest = blob_digest(digest)
         data = b"".join(self.get_blob(digest))
         if digest.startswith("sha256:") and _digest_of(data) != digest:
             raise RegistryError(f"blob {digest} from {self.host}/{self.repo} does not match its digest")
         return data
 
     def read_range(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)`` of a blob with one HTTP Range request."""
+        """Bytes ``[offset, offset+size)`` of a blob with one HTTP Range request.
+
+        `digest` is ``sha256:<hex>`` or a nydus blob id (bare hex), so the blob cache can pass its ids.
+        """
+        digest = blob_digest(digest)
         if offset < 0 or size < 0:
             raise ValueError(f"bad range offset={offset} size={size}")
         if size == 0:

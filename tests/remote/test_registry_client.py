@@ -73,6 +73,9 @@ def test_whole_blob_streams_and_ranges(registry: Registry, blob: bytes) -> None:
         assert c.read_range(d, 0, 1) == blob[:1]
         assert c.read_range(d, 1_000_000, 4096) == blob[1_000_000:1_004_096]
         assert c.read_range(d, len(blob) - 10, 10) == blob[-10:]
+        assert c.read_range(d.removeprefix("sha256:"), 7, 3) == blob[7:10]  # a nydus blob id
+        with pytest.raises(ValueError):
+            c.read_range("../../etc/passwd", 0, 1)
         with pytest.raises(RegistryError):
             c.read_range(d, len(blob) - 10, 11)  # past the end: never a silently short read
 
