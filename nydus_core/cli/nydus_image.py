@@ -20,7 +20,7 @@ from nydus_core.rafs.blob import read_toc, verify_blob_data
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version
 from nydus_core.rafs.erofs import ErofsImage, Inode
 from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
-from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_to_paths, merge_bootstraps
+from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_tarfs, build_to_paths, merge_bootstraps
 
 
 def _chunk_size(text: str) -> int:
@@ -36,11 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("create", help="build a RAFS bootstrap and data blob from a tar or a directory")
     c.add_argument("source", help="layer tar (plain or compressed) or directory")
-    c.add_argument("--type", "-t", choices=["dir-rafs", "tar-rafs", "targz-rafs", "directory"], default=None,
-                   help="source type; guessed from SOURCE when omitted")  # fmt: skip
+    types = ["dir-rafs", "tar-rafs", "targz-rafs", "tar-tarfs", "directory"]
+    c.add_argument("--type", "-t", choices=types, default=None, help="source type (default: from SOURCE)")
     c.add_argument("--bootstrap", "-B", required=True, help="output bootstrap path")
     c.add_argument("--blob", "-b", help="output blob path")
     c.add_argument("--blob-dir", "-D", help="directory to store the blob in, named by its id")
+    c.add_argument("--blob-id", help="tar-tarfs: blob id to record for the tar (default: its sha256)")
     c.add_argument("--compressor", "-c", default="zstd", choices=["none", "lz4_block", "zstd"])
     c.add_argument("--digester", "-d", default="blake3", choices=["blake3", "sha256"])
     c.add_argument(
@@ -135,6 +136,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     kind = args.type or ("dir-rafs" if os.path.isdir(src) else "tar-rafs")
     if not os.path.exists(src):
         raise RafsError(f"source {src} does not exist")
+    if kind == "tar-tarfs":
+        return _create_tarfs(args)
     if not args.blob and not args.blob_dir:
         raise RafsError("give --blob or --blob-dir for the data blob")
     is_dir = kind in ("dir-rafs", "directory")
@@ -194,6 +197,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
     print(json.dumps(summary))
+    return 0
+
+
+def _create_tarfs(args: argparse.Namespace) -> int:
+    """Only a bootstrap is written: the uncompressed layer tar itself is the blob."""
+    opts = BuildOptions(chunk_size=args.chunk_size, whiteout_spec=args.whiteout_spec,
+                        prefetch=_prefetch_paths(args.prefetch_policy))  # fmt: skip
+    result = build_tarfs(args.source, opts, args.blob_id)
+    tmp = args.bootstrap + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write(result.bootstrap)
+    os.replace(tmp, args.bootstrap)
+    print(
+        json.dumps({"version": "6", "bootstrap": args.bootstrap, "blobs": [b.blob_id for b in result.blobs]})
+    )
     return 0
 
 

@@ -308,8 +308,10 @@ class BlobSet:
             return b"\0" * want
         reader = self._reader(ref.blob_index)
         compressed = bool(info.flags & CHUNK_FLAG_COMPRESSED)
+        # tarfs images carry no chunk digests: the layer digest covers the tar
+        dig = None if bs.ext.flags & FLAG_TARFS_MODE else info.digest
         loc = ChunkLocation(reader.blob_id, info.index, info.compressed_offset, info.compressed_size,
-                            info.uncompressed_size, compressed, info.digest)  # fmt: skip
+                            info.uncompressed_size, compressed, dig)  # fmt: skip
         data = reader.read_chunk(loc)
         if len(data) != want:
             raise RafsError(f"{what}: chunk holds {len(data)} bytes, the file needs {want} there")

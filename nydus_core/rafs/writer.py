@@ -38,6 +38,7 @@ from nydus_core.rafs.blob import (
     FEATURE_HAS_TOC,
     FEATURE_INLINED_CHUNK_DIGEST,
     FEATURE_INLINED_FS_META,
+    FEATURE_TARFS,
     TOC_FLAG_LZ4,
     TOC_FLAG_NONE,
     TOC_FLAG_ZSTD,
@@ -59,6 +60,7 @@ from nydus_core.rafs.bootstrap import (
     FLAG_EXPLICIT_UID_GID,
     FLAG_HAS_XATTR,
     FLAG_INLINED_CHUNK_DIGEST,
+    FLAG_TARFS_MODE,
     BlobEntry,
     Bootstrap,
     ChunkInfo,
@@ -84,7 +86,17 @@ from nydus_core.rafs.erofs import (
     file_type_of,
     xattr_body,
 )
-from nydus_core.rafs.tree import WHITEOUT_PREFIX, Kind, Node, merge_layers, sorted_walk, tree_from_bootstrap
+from nydus_core.rafs.tree import (
+    WHITEOUT_PREFIX,
+    FileContent,
+    Kind,
+    Node,
+    StoredChunk,
+    merge_layers,
+    sorted_walk,
+    tree_from_bootstrap,
+    tree_from_tar,
+)
 
 BLKSZ = 4096  # uncompressed chunk alignment in blobs; also the default EROFS block size
 BLKBITS = 12
@@ -109,6 +121,7 @@ class BuildOptions:
     whiteout_spec: str = "oci"
     prefetch: list[str] = field(default_factory=list)  # paths whose nids go to the prefetch table
     blob_inline_meta: bool = False  # also store the bootstrap in the blob (`image.boot` ToC entry)
+    blkszbits: int = BLKBITS  # EROFS block size; 9 for tarfs images (tar payloads are 512-aligned)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -522,7 +535,9 @@ class BootstrapBuilder:
 
         # Block 0 and the tables.
         has_xattr = any(w.xattrs for w in self.inodes)
-        flags = FLAG_EXPLICIT_UID_GID | FLAG_INLINED_CHUNK_DIGEST | (FLAG_HAS_XATTR if has_xattr else 0)
+        flags = FLAG_EXPLICIT_UID_GID | (FLAG_HAS_XATTR if has_xattr else 0)
+        tarfs = any(b.features & FEATURE_TARFS for b in self.blobs)
+        flags |= FLAG_TARFS_MODE if tarfs else FLAG_INLINED_CHUNK_DIGEST
         comp = self.blobs[0].compression_algo if self.blobs else COMPRESSOR_NONE
         dig = self.blobs[0].digest_algo if self.blobs else DIGESTER_NAMES["blake3"]
         flags |= COMPRESSION_FLAGS[comp] | DIGEST_FLAGS[dig]
@@ -613,7 +628,7 @@ def build(root: Node, blob_out: BinaryIO | None, options: BuildOptions | None = 
 
     def bootstrap_for(table: list[BlobEntry]) -> bytes:
         return BootstrapBuilder(root, table, opts.chunk_size, opts.whiteout_spec, file_chunks,
-                                opts.prefetch).build()  # fmt: skip
+                                opts.prefetch, opts.blkszbits).build()  # fmt: skip
 
     new_blob: BlobEntry | None = None
     if writer is not None and writer.chunks:
@@ -715,3 +730,45 @@ def _name_of(table: dict[str, int], code: int) -> str:
         if value == code:
             return name
     raise RafsError(f"unknown algorithm code {code}")
+
+
+def build_tarfs(
+    tar_path: str, options: BuildOptions | None = None, blob_id: str | None = None
+) -> BuildResult:
+    """`--type tar-tarfs`: a metadata-only bootstrap whose chunks point into the layer tar itself.
+
+    The uncompressed tar is the blob (mount with ``-o device=LAYER.tar``); EROFS blocks are 512
+    bytes so every payload offset is a block address. Nothing is copied, and no chunk digests are
+    computed (nydus tarfs images carry none; the layer digest covers the tar).
+    """
+    opts = replace(options or BuildOptions(), compressor="none", digester="sha256", blkszbits=9)
+    opts.validate()
+    root = tree_from_tar(tar_path)
+    size = os.path.getsize(tar_path)
+    if blob_id is None:
+        h = hashlib.sha256()
+        with open(tar_path, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                h.update(piece)
+        blob_id = h.hexdigest()
+    entry = BlobEntry(blob_id=blob_id.removeprefix("sha256:"), chunk_size=opts.chunk_size, compression_algo=0,
+                      digest_algo=DIGESTER_NAMES["sha256"], features=FEATURE_CAP_TAR_TOC | FEATURE_TARFS,
+                      compressed_size=size, uncompressed_size=size)  # fmt: skip
+    index = 0
+    seen: set[int] = set()
+    for _, node in sorted_walk(root):
+        if node.kind is not Kind.REG or not node.size or id(node) in seen:
+            continue
+        seen.add(id(node))
+        content = node.content
+        if not isinstance(content, FileContent) or os.path.abspath(content.path) != os.path.abspath(tar_path):
+            raise RafsError("tarfs needs an uncompressed tar: file payloads must be ranges of it")
+        stored = []
+        for off in range(0, node.size, opts.chunk_size):
+            length = min(opts.chunk_size, node.size - off)
+            at = content.offset + off
+            stored.append(StoredChunk(entry, BlobChunk(index, at, length, at, length, False), b"\0" * 32))
+            index += 1
+        node.stored = tuple(stored)
+    entry.chunk_count = index
+    return build(root, None, opts)

@@ -47,3 +47,16 @@ def test_debian_layer_mounts_like_gnu_tar_extracts(tmp_path: Path) -> None:
     assert len(want) > 5000
     assert got == want
     assert out.stdout.strip() == "1", out.stderr
+
+
+def test_debian_layer_as_tarfs(tmp_path: Path) -> None:
+    from nydus_core.rafs.writer import build_tarfs
+
+    if LAYER.endswith((".gz", ".zst")):
+        pytest.skip("tarfs needs the uncompressed tar")
+    want = describe_dir(extract_with_gnu_tar(Path(LAYER), tmp_path / "x"))
+    (tmp_path / "tarfs.boot").write_bytes(build_tarfs(LAYER).bootstrap)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with erofs_mount(tmp_path / "tarfs.boot", mnt, [Path(LAYER)]):
+        assert describe_dir(mnt) == want
