@@ -233,7 +233,13 @@ class RegistryClient:
             # The mirror gets the origin's authorization; the token request goes to the origin's realm.
             self._learn_origin_challenge()
             return self.auth.header(self.host, self.repo, scope, creds_host=self.host, refresh=refresh)
-        return self.auth.header(ep.host, self.repo, scope, creds_host=self.host, refresh=refresh)
+        # A mirror answering its own challenge gets its own credentials if the user has some for it
+        # (containerd's hosts.toml semantics), else the origin's (nydusd's auth_through).
+        creds_host = self.host
+        if ep.is_mirror and self.auth.known_challenge(ep.host) is not None \
+                and self.auth.credentials_for(ep.host) is not None:
+            creds_host = ep.host
+        return self.auth.header(ep.host, self.repo, scope, creds_host=creds_host, refresh=refresh)
 
     def _learn_origin_challenge(self) -> None:
         """Ask the origin's ``/v2/`` once how it wants to be authenticated (for non-auth-through mirrors)."""

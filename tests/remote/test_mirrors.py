@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from remote_helpers import PASSWORD, USER, hook_credentials, start_registry
+from remote_helpers import PASSWORD, USER, Pki, hook_credentials, start_registry
 from token_server import TokenServer
 
 from nydus_core.remote.mirrors import (
@@ -198,3 +198,52 @@ def test_hosts_toml_mirror_and_fallback(
                 assert served_blob_reads(origin) == 3
     finally:
         mirror_reg.stop()
+
+
+def _hosts_toml(root: Path, origin_host: str, body: str) -> Path:
+    name, _, port = origin_host.rpartition(":")
+    d = root / f"{name}_{port}_"
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(body)
+    return root
+
+
+def test_hosts_toml_tls_mirror_with_own_ca_and_basic_auth(
+    tmp_path: Path, registry: Registry, basic_registry: Registry, pki: Pki,
+    docker_config: Callable[..., Path],
+) -> None:
+    """Per-mirror CA (``ca``) and a mirror that asks for its own credentials (found for the mirror host)."""
+    tls_registry = start_registry(tmp_path / "tls", tls=(pki.server.cert, pki.server.key))
+    try:
+        _tls_and_basic_mirrors(tmp_path, registry, tls_registry, basic_registry, pki, docker_config)
+    finally:
+        tls_registry.stop()
+
+
+def _tls_and_basic_mirrors(
+    tmp_path: Path, registry: Registry, tls_registry: Registry, basic_registry: Registry, pki: Pki,
+    docker_config: Callable[..., Path],
+) -> None:
+    data = os.urandom(40_000)
+    with RegistryClient(tls_registry.host, REPO, ca_files=[str(pki.ca.cert)]) as c:
+        c.push_blob(data)
+    docker_config(basic_registry.host)
+    creds = hook_credentials()
+    with RegistryClient(basic_registry.host, REPO, plain_http=True, credentials_provider=creds) as c:
+        c.push_blob(data)
+    with FaultyProxy(registry.url) as origin:  # anonymous origin that does not even have the blob
+        root = _hosts_toml(tmp_path / "certs.d", origin.host, (
+            f'[host."https://{tls_registry.host}"]\n  ca = "{pki.ca.cert}"\n'
+            f'[host."http://{basic_registry.host}"]\n'
+        ))
+        mirrors = from_hosts_dir(root, origin.host)
+        with RegistryClient(origin.host, REPO, plain_http=True, mirrors=mirrors,
+                            credentials_provider=hook_credentials()) as c:
+            assert c.read_range(digest(data), 10, 10) == data[10:20]  # the TLS mirror, verified by its CA
+            served = f'GET /v2/{REPO}/blobs/{digest(data)} HTTP/1.1" 206 10'
+            assert served in tls_registry.log_path.read_text()
+            assert c.mirrors[0].healthy
+            tls_registry.stop()
+            assert c.read_range(digest(data), 20, 10) == data[20:30]  # then the basic-auth mirror
+            # Only the mirror host has credentials in the docker config: the basic-auth mirror got those.
+            assert origin.count("/blobs/") == 0
