@@ -314,7 +314,10 @@ class RegistryClient:
                     raise RegistryAuthError(f"mirror {ep.host} asks for its own authentication but "
                                             "auth_through is false", status=401, url=url)
                 if auth_rounds >= 1:
-                    raise RegistryAuthError(f"registry {ep.host} refused the credentials for {self.repo}",
+                    creds_used = (auth is not None and auth.lower().startswith("basic ")) or \
+                        self.auth.credentials_for(self.host) is not None
+                    what = "the credentials" if creds_used else "anonymous access"
+                    raise RegistryAuthError(f"registry {ep.host} refused {what} to {self.repo}",
                                             status=401, url=url)
                 auth_rounds += 1
                 # Sent a header built from an earlier challenge: its token expired or was revoked.
