@@ -17,7 +17,7 @@ from typing import Any
 
 from nydus_core.rafs import RafsError
 from nydus_core.rafs.blob import read_toc, verify_blob_data
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version
+from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version, export_block
 from nydus_core.rafs.erofs import ErofsImage, Inode
 from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
 from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_tarfs, build_to_paths, merge_bootstraps
@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--blob", "-b", help="blob file (for a one-blob image)")
     u.add_argument("--blob-dir", "-D", help="directory holding the blobs by id")
     u.add_argument("--output", "-o", required=True, help="output tar path")
+
+    e = sub.add_parser("export", help="--block: one flat disk image (bootstrap + uncompressed blobs)")
+    e.add_argument("--block", action="store_true", required=True, help="export a flat block image")
+    e.add_argument("--bootstrap", "-B", required=True)
+    e.add_argument("--blob", "-b", help="blob file (for a one-blob image)")
+    e.add_argument("--blob-dir", "-D", help="directory holding the blobs by id")
+    e.add_argument("--output", "-O", required=True, help="output image path")
 
     i = sub.add_parser("inspect", help="print the superblock, blob table and statistics as JSON")
     i.add_argument("bootstrap", nargs="?")
@@ -318,6 +325,27 @@ def _reader(blobs: BlobSet | None) -> Any:
     return read
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    bs = _load_bootstrap(args.bootstrap)
+    blobs = _blob_set(bs, args.blob, args.blob_dir)
+    if blobs is None and bs.blobs:
+        raise RafsError("give --blob or --blob-dir")
+    tmp = args.output + ".tmp"
+    try:
+        with open(tmp, "wb") as out:
+            size = export_block(bs, blobs or BlobSet(bs, {}), out)
+        os.replace(tmp, args.output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        if blobs is not None:
+            blobs.close()
+    print(json.dumps({"output": args.output, "size": size}))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = args.bootstrap_opt or args.bootstrap
     if not path:
@@ -355,7 +383,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"create": cmd_create, "merge": cmd_merge, "check": cmd_check, "unpack": cmd_unpack,
-                "inspect": cmd_inspect}  # fmt: skip
+                "export": cmd_export, "inspect": cmd_inspect}  # fmt: skip
     try:
         return handlers[args.command](args)
     except RafsError as exc:

@@ -306,16 +306,20 @@ class BlobSet:
         want = min(bs.ext.chunk_size, inode.size - i * bs.ext.chunk_size)
         if info.flags & CHUNK_FLAG_HOLE:
             return b"\0" * want
-        reader = self._reader(ref.blob_index)
-        compressed = bool(info.flags & CHUNK_FLAG_COMPRESSED)
-        # tarfs images carry no chunk digests: the layer digest covers the tar
-        dig = None if bs.ext.flags & FLAG_TARFS_MODE else info.digest
-        loc = ChunkLocation(reader.blob_id, info.index, info.compressed_offset, info.compressed_size,
-                            info.uncompressed_size, compressed, dig)  # fmt: skip
-        data = reader.read_chunk(loc)
+        data = self.read_chunk_info(ref.blob_index, info)
         if len(data) != want:
             raise RafsError(f"{what}: chunk holds {len(data)} bytes, the file needs {want} there")
         return data
+
+    def read_chunk_info(self, blob_index: int, info: ChunkInfo) -> bytes:
+        """The uncompressed bytes of one chunk-table entry, verified unless the image is tarfs."""
+        reader = self._reader(blob_index)
+        compressed = bool(info.flags & CHUNK_FLAG_COMPRESSED)
+        # tarfs images carry no chunk digests: the layer digest covers the tar
+        dig = None if self.bootstrap.ext.flags & FLAG_TARFS_MODE else info.digest
+        loc = ChunkLocation(reader.blob_id, info.index, info.compressed_offset, info.compressed_size,
+                            info.uncompressed_size, compressed, dig)  # fmt: skip
+        return reader.read_chunk(loc)
 
     def read_file(self, inode: Inode) -> bytes:
         """Whole content of a regular file, every chunk decoded and digest-checked."""
@@ -370,3 +374,27 @@ __all__ = [
     "bootstrap_from_blob",
     "detect_version",
 ]
+
+
+def export_block(bs: Bootstrap, blobs: BlobSet, out: BinaryIO) -> int:
+    """`nydus-image export --block`: one flat image, bootstrap at 0 and each blob's uncompressed
+    layout at its device slot's `mapped_blkaddr`. Kernels with flat-device support (~6.5+) mount
+    it alone, no `device=` options. Every chunk is verified on the way. Returns the image size.
+    """
+    blksz = bs.erofs.blksz
+    out.seek(0)
+    out.write(bs.data)
+    end = len(bs.data)
+    for i, slot in enumerate(bs.erofs.devices):
+        base = slot.mapped_blkaddr * blksz
+        if base < end:
+            raise RafsError(f"device slot {i} maps blob {bs.blobs[i].blob_id} at block {slot.mapped_blkaddr},"
+                            " inside earlier data; this bootstrap cannot be exported flat")  # fmt: skip
+        for info in bs.chunks:
+            if info.blob_index != i or info.flags & CHUNK_FLAG_HOLE:
+                continue
+            out.seek(base + info.uncompressed_offset)
+            out.write(blobs.read_chunk_info(i, info))
+        end = base + slot.blocks * blksz
+    out.truncate(end)
+    return end
