@@ -79,11 +79,20 @@ def test_instance_inode_operations(image: Image, tmp_path: Path) -> None:
         big = inst.lookup_path("bin/big")
         want = image.files["bin/big"]
         assert inst.read_if_cached(big, 0, 4096) is None  # nothing fetched yet
+        assert inst.read_cached_into(big, 0, 4096, bytearray(4096)) is None
         # a read across a chunk boundary touches exactly the two chunks
         off = (1 << 20) - 10
         assert inst.read(big, off, 20) == want[off : off + 20]
         assert inst.read_if_cached(big, off, 20) == want[off : off + 20]
         assert inst.read(big, 0, len(want) + 5) == want
+        # the allocation-free path the FUSE backend uses for cached data
+        buf = bytearray(1 << 20)
+        view = inst.read_cached_into(big, off, 1 << 20, buf)
+        assert view is not None and bytes(view) == want[off : off + (1 << 20)]
+        tail = inst.read_cached_into(big, len(want) - 3, 100, buf)
+        assert tail is not None and bytes(tail) == want[-3:]
+        with pytest.raises(ValueError):
+            inst.read_cached_into(big, 0, 2 << 20, buf)
         # nids are the bootstrap's: a second instance of the same image agrees
         other = RafsInstance(str(image.bootstrap), cfg)
         assert other.lookup_path("bin/big") == big
