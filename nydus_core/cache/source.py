@@ -6,8 +6,10 @@ are the cache's job, so a backend never has to know the chunk format.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from nydus_core.cache import CacheError
@@ -25,10 +27,9 @@ class ChunkSource(Protocol):
     def close(self) -> None: ...
 
 
-class RangeReader(Protocol):
-    """What a registry client offers (`RegistryClient.read_range`): ranged reads of a blob."""
-
-    def __call__(self, blob_id: str, offset: int, size: int) -> bytes: ...
+# What a registry client offers (`RegistryClient.read_range(blob_id_or_digest, offset, size)`):
+# exactly `size` bytes at `offset` of a blob. Positional, so parameter names need not agree.
+RangeReader = Callable[[str, int, int], bytes]
 
 
 class LocalFsSource:
@@ -106,16 +107,25 @@ class LocalFsSource:
 
 
 class RegistrySource:
-    """Adapter over a registry client's ranged reads (the ``registry`` backend)."""
+    """Adapter over a registry client's ranged reads (the ``registry`` backend).
+
+    Whatever the client raises becomes a `CacheError` (an OSError, EIO) naming the blob, so the
+    cache and the filesystem backend see one error type for every backend.
+    """
 
     name = "registry"
 
-    def __init__(self, read_range: RangeReader, close: object = None) -> None:
+    def __init__(self, read_range: RangeReader, close: Callable[[], object] | None = None) -> None:
         self._read_range = read_range
         self._close = close
 
     def read(self, blob_id: str, offset: int, size: int) -> bytes:
-        data = self._read_range(blob_id, offset, size)
+        try:
+            data = self._read_range(blob_id, offset, size)
+        except CacheError:
+            raise
+        except Exception as e:  # the client's own error types (HTTP status, TLS, timeouts)
+            raise CacheError(errno.EIO, f"registry backend: blob {blob_id} range {offset}+{size}: {e}") from e
         if len(data) != size:
             raise CacheError(
                 f"registry backend: blob {blob_id}: wanted {size} bytes at {offset}, got {len(data)}"
@@ -123,5 +133,5 @@ class RegistrySource:
         return data
 
     def close(self) -> None:
-        if callable(self._close):
+        if self._close is not None:
             self._close()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nydus_core.cache.blobcache import DEFAULT_AMPLIFY_IO
-from nydus_core.cache.source import ChunkSource, LocalFsSource, RangeReader, RegistrySource
+from nydus_core.cache.source import ChunkSource, LocalFsSource, RegistrySource
 
 
 class ConfigInvalid(ValueError):
@@ -96,21 +96,18 @@ def _obj(parent: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     return child
 
 
-RegistryFactory = Callable[[Mapping[str, Any]], RangeReader]
+RegistryFactory = Callable[[Mapping[str, Any]], ChunkSource]
 
 
-def _default_registry_factory(cfg: Mapping[str, Any]) -> RangeReader:
-    """The registry client of ``nydus_core.remote.registry`` when it is there."""
+def registry_source(cfg: Mapping[str, Any]) -> ChunkSource:
+    """The ``registry`` backend: `nydus_core.remote`'s client built from ``device.backend.config``."""
+    from nydus_core.remote.backend import BackendConfigError, client_from_backend_config
+
     try:
-        from nydus_core.remote import registry  # type: ignore[attr-defined,unused-ignore]
-    except ImportError as e:
-        raise ConfigInvalid("registry backend: nydus_core.remote.registry is not available") from e
-    make = getattr(registry, "client_from_backend_config", None)
-    if make is None:
-        raise ConfigInvalid("registry backend: nydus_core.remote.registry has no client_from_backend_config")
-    client = make(dict(cfg))
-    reader: RangeReader = client.read_range
-    return reader
+        client = client_from_backend_config(cfg)
+    except (BackendConfigError, ValueError) as e:
+        raise ConfigInvalid(f"device.backend.config: {e}") from e
+    return RegistrySource(client.read_range, client.close)
 
 
 def make_source(config: NydusdConfig, registry_factory: RegistryFactory | None = None) -> ChunkSource:
@@ -121,5 +118,4 @@ def make_source(config: NydusdConfig, registry_factory: RegistryFactory | None =
         if not blob_dir and not blob_file:
             raise ConfigInvalid("device.backend.config: localfs needs dir (or blob_file)")
         return LocalFsSource(str(blob_dir) if blob_dir else None, str(blob_file) if blob_file else None)
-    reader = (registry_factory or _default_registry_factory)(cfg)
-    return RegistrySource(reader)
+    return (registry_factory or registry_source)(cfg)
