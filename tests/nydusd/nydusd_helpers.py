@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,8 +42,13 @@ def build_image(
     compressor: str = "zstd",
     digester: str = "blake3",
     name: str = "image",
+    prefetch: list[str] | None = None,
 ) -> Image:
-    """Tar `files` (path -> bytes), convert it, return where bootstrap and blob are."""
+    """Tar `files` (path -> bytes), convert it, return where bootstrap and blob are.
+
+    `prefetch` (absolute paths) goes to the bootstrap's prefetch table (``--prefetch-policy fs``,
+    which reads the list from stdin as upstream does).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     tar_path = workdir / f"{name}.tar"
     dirs: set[str] = set()
@@ -67,9 +73,19 @@ def build_image(
     blob_dir = workdir / "blobs"
     blob_dir.mkdir(exist_ok=True)
     summary = workdir / f"{name}.json"
-    rc = nydus_image(["create", str(tar_path), "--bootstrap", str(boot), "--blob-dir", str(blob_dir),
-                      "--chunk-size", hex(chunk_size), "--compressor", compressor, "--digester", digester,
-                      "--output-json", str(summary)])  # fmt: skip
+    argv = ["create", str(tar_path), "--bootstrap", str(boot), "--blob-dir", str(blob_dir),
+            "--chunk-size", hex(chunk_size), "--compressor", compressor, "--digester", digester,
+            "--output-json", str(summary)]  # fmt: skip
+    if prefetch:
+        argv += ["--prefetch-policy", "fs"]
+        saved = sys.stdin
+        sys.stdin = io.StringIO("".join(p + "\n" for p in prefetch))
+        try:
+            rc = nydus_image(argv)
+        finally:
+            sys.stdin = saved
+    else:
+        rc = nydus_image(argv)
     assert rc == 0
     blob_ids = json.loads(summary.read_text())["blobs"]
     return Image(boot, blob_dir, blob_ids[-1] if blob_ids else "", dict(files))

@@ -116,6 +116,22 @@ def test_prefetch_warms_listed_files(image: Image, tmp_path: Path) -> None:
         inst.close()
 
 
+def test_prefetch_follows_the_bootstrap_prefetch_table(tmp_path: Path) -> None:
+    files = {"hot/a.bin": os.urandom(300_000), "cold/b.bin": os.urandom(300_000)}
+    img = build_image(tmp_path / "img", files, chunk_size=64 * 1024, prefetch=["/hot"])
+    doc = localfs_config(img.blob_dir, tmp_path / "cache", fs_prefetch={"enable": True})
+    inst = RafsInstance(str(img.bootstrap), NydusdConfig.from_dict(doc))
+    try:
+        assert inst.bootstrap.prefetch  # the writer recorded /hot
+        inst.start_prefetch()
+        inst.wait_prefetch(10)
+        hot, cold = inst.lookup_path("hot/a.bin"), inst.lookup_path("cold/b.bin")
+        assert inst.read_if_cached(hot, 0, 300_000) == files["hot/a.bin"]
+        assert inst.read_if_cached(cold, 0, 4096) is None
+    finally:
+        inst.close()
+
+
 def test_api_like_upstream(image: Image, tmp_path: Path, sock: Path) -> None:
     rt = DaemonRuntime("d1", shared=True)
     server = ApiServer(str(sock), rt)
