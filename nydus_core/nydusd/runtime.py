@@ -74,7 +74,11 @@ class DaemonRuntime:
         self.prefetch_files = prefetch_files or []
         self._lock = threading.Lock()
         self.instances: dict[str, RafsInstance] = {}
-        self.slots: dict[str, int] = {}  # mount id -> small stable number (backend inode spaces)
+        # mount id -> a number never reused within this process (backends build inode numbers
+        # from it, so an image attached again under the same id cannot meet stale kernel inodes)
+        self.slots: dict[str, int] = {}
+        self.by_slot: dict[int, RafsInstance] = {}
+        self._next_slot = 0
         self.listeners: list[Listener] = []
 
     def _open(self, bootstrap: str, config_text: str) -> RafsInstance:
@@ -108,8 +112,9 @@ class DaemonRuntime:
                 inst.close()
                 raise ApiError(409, "EEXIST", f"/{mount_id} is already mounted")
             self.instances[mount_id] = inst
-            if mount_id not in self.slots:
-                self.slots[mount_id] = max(self.slots.values(), default=0) + 1
+            self._next_slot += 1
+            self.slots[mount_id] = self._next_slot
+            self.by_slot[self._next_slot] = inst
         inst.start_prefetch()
         for cb in self.listeners:
             cb(mount_id, inst)
@@ -119,6 +124,9 @@ class DaemonRuntime:
     def remove(self, mount_id: str) -> None:
         with self._lock:
             inst = self.instances.pop(mount_id, None)
+            slot = self.slots.pop(mount_id, None)
+            if slot is not None:
+                self.by_slot.pop(slot, None)
         if inst is None:
             raise ApiError(404, "ENOENT", f"/{mount_id} is not mounted")
         for cb in self.listeners:

@@ -139,6 +139,10 @@ def test_shared_mode_mount_and_umount_by_api(root: Path, image: Image) -> None:
         assert not (mnt / "snap-a").exists()
         assert [p.name for p in mnt.iterdir()] == ["snap-b"]
         assert (mnt / "snap-b/only-in-two.txt").read_bytes() == b"two\n"
+        # the same id again, now with the other image: no stale inode or page of the old one
+        c.mount("snap-a", second.bootstrap, config2)
+        assert sorted(p.name for p in (mnt / "snap-a").iterdir()) == ["only-in-two.txt"]
+        assert (mnt / "snap-a/only-in-two.txt").read_bytes() == b"two\n"
 
 
 def test_flipped_byte_is_eio_logged_never_cached_then_recovers(root: Path, image: Image) -> None:

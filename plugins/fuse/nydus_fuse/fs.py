@@ -1,10 +1,11 @@
 """The pyfuse3 filesystem: kernel requests -> `RafsInstance` operations.
 
 Inode numbers are derived, never allocated: ``(slot << 40) | (nid + 2)``, where the slot is 0 for
-a dedicated daemon's image and the attach number for a shared daemon's images, and the FUSE root
-is 1 (the dedicated image's root, or the shared daemon's directory of images). So the numbers
-depend only on the bootstraps and attach order, file handles are the inode numbers, and readdir
-offsets are indexes: nothing per-open has to survive a restart.
+a dedicated daemon's image and the attach number for a shared daemon's images (never reused, so
+an image re-attached under the same id cannot meet the kernel's stale inodes of the old one),
+and the FUSE root is 1 (the dedicated image's root, or the shared daemon's directory of images).
+So the numbers depend only on the bootstraps and attach order, file handles are the inode
+numbers, and readdir offsets are indexes: nothing per-open has to survive a restart.
 
 Every handler is wrapped: an unexpected exception is logged and becomes EIO (pyfuse3 would end
 its main loop on anything that is not a `FUSEError`). Data reads that may need a fetch run in
@@ -88,13 +89,6 @@ class NydusFS(pyfuse3.Operations):
         runtime.listeners.append(self._changed)
 
     # -- inode numbers ------------------------------------------------------------------------
-    def _slot_instance(self, slot: int) -> tuple[str, RafsInstance]:
-        for mid, s in list(self.runtime.slots.items()):
-            inst = self.runtime.instances.get(mid)
-            if s == slot and inst is not None:
-                return mid, inst
-        raise pyfuse3.FUSEError(errno.ESTALE)
-
     def _resolve(self, ino: int) -> tuple[RafsInstance, int, int] | None:
         """(instance, nid, slot) of `ino`; None for the shared daemon's synthetic root."""
         if ino == ROOT:
@@ -107,7 +101,10 @@ class NydusFS(pyfuse3.Operations):
         slot = ino >> SLOT_SHIFT
         nid = (ino & NID_MASK) - 2
         if self.shared:
-            _, inst = self._slot_instance(slot)
+            found = self.runtime.by_slot.get(slot)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            inst = found
         else:
             inst = self.runtime.instances.get("")
             if slot != 0 or inst is None:
