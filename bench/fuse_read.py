@@ -72,6 +72,13 @@ def rand_read(path: Path, offsets: list[int]) -> float:
         os.close(fd)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def nydusd_py() -> str:
     local = Path(sys.executable).parent / "nydusd-py"
     found = str(local) if local.exists() else shutil.which("nydusd-py")
@@ -154,12 +161,19 @@ def main() -> int:
         offsets = [rng.randrange(blocks) * 4096 for _ in range(args.random_reads)]
         dropped = drop_caches()
         results: dict[tuple[str, str], list[float]] = {}
+        daemon_cpu = {"seq": 0.0, "rand": 0.0}
+        assert proc is not None
         for _ in range(args.runs):
             for name, path in (("local", local), ("fuse", fused)):
                 drop_caches()
+                cpu0 = cpu_seconds(proc.pid)
                 results.setdefault(("seq 1 MiB (MiB/s)", name), []).append(seq_read(path))
+                cpu1 = cpu_seconds(proc.pid)
                 drop_caches()
                 results.setdefault(("rand 4 KiB (reads/s)", name), []).append(rand_read(path, offsets))
+                if name == "fuse":
+                    daemon_cpu["seq"] += cpu1 - cpu0
+                    daemon_cpu["rand"] += cpu_seconds(proc.pid) - cpu1
         print(f"\nfile {args.size_mib} MiB, {args.runs} runs, medians"
               f"{'' if dropped else ' (page cache NOT dropped: not root?)'}")  # fmt: skip
         print(f"{'test':<22}{'local':>12}{'nydusd-py':>12}{'ratio':>8}")
@@ -167,6 +181,9 @@ def main() -> int:
             loc = statistics.median(results[(test, "local")])
             fus = statistics.median(results[(test, "fuse")])
             print(f"{test:<22}{loc:>12.0f}{fus:>12.0f}{fus / loc:>8.2f}")
+        gib = args.runs * args.size_mib / 1024
+        print(f"daemon CPU: {daemon_cpu['seq'] / gib:.2f} s per GiB sequential, "
+              f"{daemon_cpu['rand'] / (args.runs * len(offsets)) * 1e6:.0f} us per random 4 KiB read")
         if args.profile:
             assert proc is not None
             for label, fn in (("sequential", lambda: seq_read(fused)),
