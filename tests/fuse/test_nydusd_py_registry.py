@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +129,45 @@ def test_registry_errors_are_eio_not_a_crash(root: Path, pushed: Image, proxy: F
             assert c.state() == "RUNNING"
             assert c._json("GET", "/api/v1/metrics/backend")["read_errors"] >= 1
         assert (mnt / "small.txt").read_bytes() == b"small\n"
+
+
+def test_slow_fetch_does_not_stall_other_requests(root: Path, pushed: Image, proxy: FaultyProxy) -> None:
+    cfg = _config(root, proxy)
+    with running(root, "--config", str(cfg), "--bootstrap", str(pushed.bootstrap)) as (_, mnt, _s):
+        assert (mnt / "small.txt").read_bytes() == b"small\n"  # cached now
+        done: list[float] = []
+
+        def slow_reader() -> None:
+            with open(mnt / "big.bin", "rb") as f:
+                f.seek(3 << 20)
+                f.read(4096)
+            done.append(time.monotonic())
+
+        with proxy.fault("delay", seconds=2.0, path_contains="/blobs/"):
+            t = threading.Thread(target=slow_reader)
+            t.start()
+            time.sleep(0.3)  # the slow fetch is in flight
+            start = time.monotonic()
+            for _ in range(20):
+                assert (mnt / "small.txt").read_bytes() == b"small\n"
+                os.stat(mnt / "big.bin")
+                os.listdir(mnt)
+            fast = time.monotonic() - start
+            assert not done  # the slow read is still waiting for the registry
+        t.join(10)
+        assert fast < 1.0 and done
+
+
+def test_prefetch_files_warm_the_cache(root: Path, pushed: Image, proxy: FaultyProxy) -> None:
+    cfg = _config(root, proxy)
+    files = root / "prefetch.list"
+    files.write_text("/big.bin\n")
+    args = ("--config", str(cfg), "--bootstrap", str(pushed.bootstrap), "--prefetch-files", str(files))
+    with running(root, *args) as (_, mnt, sock), NydusdClient(sock) as c:
+        deadline = time.monotonic() + 20
+        while c.blobcache_metrics()["prefetch_data_amount"] < len(BIG) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.blobcache_metrics()["prefetch_data_amount"] >= len(BIG)
+        # the registry is gone now, yet the whole file reads from the cache
+        with proxy.fault("status", status=503, path_contains="/blobs/"):
+            assert (mnt / "big.bin").read_bytes() == BIG
