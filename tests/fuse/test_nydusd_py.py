@@ -165,6 +165,7 @@ def test_flipped_byte_is_eio_logged_never_cached_then_recovers(root: Path, image
         assert f"blob {image.blob_id} chunk {victim.index}" in log and "digest" in log
         with NydusdClient(sock) as c:
             assert c.blobcache_metrics()["digest_failures"] >= 1
+            assert c.metrics()["fop_errors"].get("read", 0) >= 1
         # the fault goes away: the same read now succeeds (nothing bad was cached)
         fixed = image.blob.with_suffix(".fixed")
         fixed.write_bytes(original)

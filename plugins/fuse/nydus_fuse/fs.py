@@ -65,6 +65,7 @@ def guarded(op: str) -> Callable[[F], F]:
                     if isinstance(e, kind):
                         raise pyfuse3.FUSEError(code) from None
                 self.errors += 1
+                self._count_error(op, args[0] if args and isinstance(args[0], int) else None)
                 log.error("%s%r failed: %s", op, args[:3], e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -87,6 +88,15 @@ class NydusFS(pyfuse3.Operations):
         self._buf = bytearray(READ_BUFFER)  # reply buffer of inline (cached) reads
         self.mounted_at = time.time_ns()
         runtime.listeners.append(self._changed)
+
+    def _count_error(self, op: str, ino: int | None) -> None:
+        """Charge an EIO to the image's ``fop_errors`` (``/api/v1/metrics``) when we know which."""
+        try:
+            found = self._resolve(ino) if ino is not None else None
+        except pyfuse3.FUSEError:
+            found = None
+        if found is not None:
+            found[0].fs_stats.error(op)
 
     # -- inode numbers ------------------------------------------------------------------------
     def _resolve(self, ino: int) -> tuple[RafsInstance, int, int] | None:
