@@ -26,6 +26,8 @@ FILES = {
     "etc/empty": b"",
     "usr/lib/big.bin": os.urandom((2 << 20) + 12345),
     "usr/share/doc/a/b/c/deep.txt": b"deep\n" * 1000,
+    # more entries than one readdir reply holds: the kernel comes back with our offsets
+    **{f"many/entry-with-a-fairly-long-name-{i:04d}": str(i).encode() for i in range(400)},
 }
 
 
@@ -66,6 +68,8 @@ def test_dedicated_mount_serves_the_image(root: Path, image: Image) -> None:
     args = ("--config", str(cfg), "--bootstrap", str(image.bootstrap), "--id", "d1")
     with running(root, *args) as (_, mnt, sock):
         found = {str(p.relative_to(mnt)) for p in mnt.rglob("*")}
+        many = sorted(k.split("/")[1] for k in FILES if k.startswith("many/"))
+        assert sorted(os.listdir(mnt / "many")) == many
         assert found >= set(FILES) | {"etc/link", "abs", "usr/share/doc/a/b/c"}
         for rel, data in FILES.items():
             assert (mnt / rel).read_bytes() == data, rel
