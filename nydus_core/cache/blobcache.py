@@ -202,16 +202,24 @@ class BlobCache:
                 ) from e
             self.stats.add(backend_reads=1, backend_bytes=size,
                            backend_latency_us=int((time.monotonic() - t0) * 1e6))  # fmt: skip
+            written: list[tuple[ChunkInfo, _Flight, bytes]] = []
             for chunk, flight in claimed:
                 off = chunk.compressed_offset - start
                 try:
                     data = self._decode(chunk, raw[off : off + chunk.compressed_size])
-                    self._store(chunk, data)
+                    os.pwrite(self._fd, data, chunk.uncompressed_offset)
                 except BaseException as e:
                     flight.error = e
                     if chunk is want:
                         error = e
                     continue
+                written.append((chunk, flight, data))
+            if written:
+                # Data first and durable (one flush for the batch), then the ready bits: a crash
+                # never leaves a bit set over data that did not reach the disk.
+                os.fdatasync(self._fd)
+            for chunk, _, data in written:
+                self.map.mark(chunk.index)
                 if chunk is want:
                     result = data
                 if prefetch:
@@ -262,12 +270,6 @@ class BlobCache:
         forget = getattr(self.source, "forget", None)
         if callable(forget):
             forget(self.blob_id)  # a replaced blob file is reopened on the next read
-
-    def _store(self, chunk: ChunkInfo, data: bytes) -> None:
-        """Data first and durable, then the ready bit (a crash never marks unwritten data ready)."""
-        os.pwrite(self._fd, data, chunk.uncompressed_offset)
-        os.fdatasync(self._fd)
-        self.map.mark(chunk.index)
 
     # -- accounting --------------------------------------------------------------------------
     def cached_bytes(self) -> int:
