@@ -26,6 +26,7 @@ from convert_helpers import (
     WHITEOUT_PRESENT,
     assert_ok,
     build_whiteout_image,
+    client_for,
     get_manifest,
     push_variant,
     run_nydusify,
@@ -359,3 +360,58 @@ def test_progress_bar_only_on_a_terminal() -> None:
     plain = io.StringIO()
     Progress("pull layer", 1000, stream=plain).finish()
     assert plain.getvalue() == ""  # not a terminal: a log line instead of a bar
+
+
+def test_index_picks_the_platform(busybox_image: str) -> None:
+    client = client_for(busybox_image)
+    try:
+        m = client.get_manifest("latest")
+    finally:
+        client.close()
+    assert m.media_type == "application/vnd.oci.image.manifest.v1+json"
+
+    def entry(arch: str) -> dict[str, Any]:
+        return {"mediaType": m.media_type, "digest": m.digest, "size": len(m.data),
+                "platform": {"os": "linux", "architecture": arch}}  # fmt: skip
+
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [entry("arm64"), entry("amd64")]}  # fmt: skip
+    client = client_for(busybox_image)
+    try:
+        client.push_manifest("multi", json.dumps(index).encode(), index["mediaType"])
+    finally:
+        client.close()
+    source, target = _target(busybox_image, "multi"), _target(busybox_image, "multi-nydus")
+    missing = run_nydusify("convert", "--source", source, "--target", target, "--plain-http", "--platform",
+                           "linux/s390x")  # fmt: skip
+    assert missing.returncode == 1
+    assert "has no linux/s390x manifest (it has: linux/amd64, linux/arm64)" in missing.stderr
+    assert_ok(run_nydusify("convert", "--source", source, "--target", target, "--plain-http"), "convert")
+    assert_ok(run_nydusify("check", "--source", source, "--target", target, "--plain-http"), "check")
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A docker-registry serving https with a self-signed certificate no trust store knows."""
+    d = tmp_path_factory.mktemp("tls-registry")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    reg = Registry(d, tls=(d / "cert.pem", d / "key.pem"))
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def test_tls_verified_unless_insecure(busybox_image: str, tls_registry: Registry) -> None:
+    """TLS is verified by default; `--target-insecure` skips verification, and `--source-insecure`
+    lets a plain-http source registry be reached (fallback from https)."""
+    target = f"{tls_registry.host}/secure:nydus"
+    verified = run_nydusify("convert", "--source", busybox_image, "--target", target, "--source-insecure")
+    assert verified.returncode == 1
+    assert "TLS verification of" in verified.stderr and "Traceback" not in verified.stderr, verified.stderr
+    insecure = run_nydusify("convert", "--source", busybox_image, "--target", target, "--source-insecure",
+                            "--target-insecure")  # fmt: skip
+    assert_ok(insecure, "convert to an insecure TLS registry")
+    assert_ok(run_nydusify("check", "--source", busybox_image, "--target", target, "--source-insecure",
+                           "--target-insecure"), "check")  # fmt: skip
