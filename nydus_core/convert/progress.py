@@ -62,7 +62,7 @@ class Progress:
         """Close the bar (or log one line) with the elapsed time and an optional note."""
         elapsed = time.monotonic() - self._started
         if self.bar:
-            self._draw(end=f" {elapsed:.1f}s {note}\n")
+            self._draw(end=f" {elapsed:.1f}s{' ' + note if note else ''}\n")
         else:
             log.info(
                 "%s: %s in %.1fs%s", self.label, human(self.done_bytes), elapsed, f" ({note})" if note else ""

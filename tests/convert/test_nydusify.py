@@ -39,7 +39,9 @@ from nydus_core.convert.constants import (
     ANNOTATION_NYDUS_REFERENCE_BLOB_IDS,
     ANNOTATION_UNCOMPRESSED,
     NYDUS_BLOB_MEDIA_TYPE,
+    OCI_CONFIG,
     OCI_LAYER_GZIP,
+    OCI_MANIFEST,
 )
 from nydus_core.convert.progress import Progress
 from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
@@ -415,3 +417,46 @@ def test_tls_verified_unless_insecure(busybox_image: str, tls_registry: Registry
     assert_ok(insecure, "convert to an insecure TLS registry")
     assert_ok(run_nydusify("check", "--source", busybox_image, "--target", target, "--source-insecure",
                            "--target-insecure"), "check")  # fmt: skip
+
+
+def test_zstd_source_layers(registry: Registry) -> None:
+    """An image whose layers are ``tar+zstd`` (pushed by hand) converts and checks like gzip ones."""
+    import zstandard
+
+    tars = []
+    for files in (
+        {"etc/a.txt": b"a\n" * 1000, "etc/b.txt": b"b\n"},
+        {"etc/.wh.a.txt": b"", "c.bin": b"c" * 70000},
+    ):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1_700_000_000
+                tf.addfile(info, io.BytesIO(data))
+        tars.append(raw.getvalue())
+    source = f"{registry.host}/zstd-image:latest"
+    client = client_for(source)
+    try:
+        layers = []
+        for tar in tars:
+            blob = zstandard.ZstdCompressor().compress(tar)
+            digest, _ = client.push_blob(blob)
+            layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": digest,
+                           "size": len(blob)})  # fmt: skip
+        diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+        config_doc = {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+        config = json.dumps(config_doc).encode()
+        config_digest, _ = client.push_blob(config)
+        config_desc = {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)}
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": layers}
+        client.push_manifest("latest", json.dumps(manifest).encode(), manifest["mediaType"])
+    finally:
+        client.close()
+    target = f"{registry.host}/zstd-image:nydus"
+    assert_ok(run_nydusify("convert", "--source", source, "--target", target, "--plain-http"), "convert")
+    assert_ok(run_nydusify("check", "--source", source, "--target", target, "--plain-http"), "check")
