@@ -97,7 +97,7 @@ class BlobCache:
         # Blob order, for amplification: neighbours by compressed offset.
         self._order = sorted(by_index.values(), key=lambda c: c.compressed_offset)
         self._pos = {c.index: i for i, c in enumerate(self._order)}
-        count = max(entry.chunk_count, max(by_index, default=-1) + 1)
+        count = max(1, entry.chunk_count, max(by_index, default=-1) + 1)
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
         self.data_path = os.path.join(work_dir, f"{self.blob_id}.blob.data")
         self.map = ChunkMap(self.data_path + ".chunk_map", count)

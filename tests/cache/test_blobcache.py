@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -182,9 +183,29 @@ def test_chunk_map_ignores_foreign_or_mismatched_file(tmp_path: Path) -> None:
     again = ChunkMap(str(path), 20)
     assert again.is_ready(3) and again.is_ready(19) and again.ready_count() == 2
     again.close()
-    # a different chunk count means another layout: start empty rather than trust it
-    other = ChunkMap(str(path), 21)
+    # a size for another chunk count means another layout: start empty rather than trust it
+    other = ChunkMap(str(path), 30)
     assert other.ready_count() == 0
     other.close()
     path.write_bytes(b"garbage")
     assert ChunkMap(str(path), 20).ready_count() == 0
+
+
+def test_chunk_map_has_nydusd_layout(tmp_path: Path) -> None:
+    """The file nydusd itself writes and reads: header, MSB-first bits, the all-ready latch."""
+    path = tmp_path / "blob.blob.data.chunk_map"
+    m = ChunkMap(str(path), 10)
+    m.mark(0)
+    m.mark(9)
+    raw = path.read_bytes()
+    assert len(raw) == 4096 + 2
+    assert struct.unpack_from("<IIII", raw) == (0x424D4150, 1, 0x434D4150, 0)
+    assert raw[4096:] == bytes([0x80, 0x40])
+    # a second user of the cache dir (another daemon) sees the same bits through its mapping
+    peer = ChunkMap(str(path), 10)
+    for i in range(1, 9):
+        peer.mark(i)
+    assert m.is_ready(5) and m.all_ready()
+    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == 0x4D4D4150
+    m.close()
+    peer.close()
