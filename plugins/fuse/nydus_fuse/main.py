@@ -136,7 +136,11 @@ def _serve(args: argparse.Namespace, runtime: DaemonRuntime) -> int:
     from nydus_fuse.fs import NydusFS
 
     fs = NydusFS(runtime, threads=args.thread_num)
-    os.makedirs(args.mountpoint, exist_ok=True)
+    try:
+        os.makedirs(args.mountpoint, exist_ok=True)
+    except OSError as e:  # e.g. ENOTCONN: a dead daemon's mount is still there
+        log.error("mountpoint %s is unusable: %s", args.mountpoint, e)
+        return 1
     # No "max_read=" option: pyfuse3's init() leaves conn.max_read at 0 and libfuse then refuses
     # the mismatch. Requests still reach 1 MiB: libfuse negotiates max_pages=256 and the bdi
     # readahead is raised to 1 MiB below.
