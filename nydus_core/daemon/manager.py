@@ -363,6 +363,7 @@ class DaemonManager:
             cache_dir=Path(self.config.cache_dir),
             labels=labels,
             pm=self.pm,
+            remote=self.config.remote,
         )
         write_private_json(path, doc)
 

@@ -5,6 +5,13 @@ built-in registry-backend template is used so that a fresh install works. Into a
 go the registry host and repository parsed from the image reference, ``device.id``, the cache
 directory and credentials. The result may contain secrets, so it is written atomically with mode
 0600 and never logged.
+
+From the snapshotter's ``[remote]`` section: ``skip_ssl_verify`` sets the backend's
+``skip_verify``, and the ``hosts.toml`` mirrors of ``[remote.mirrors_config] dir`` for the image's
+registry are passed through as ``mirrors`` entries (after the template's own). Upstream HEAD instead
+picks the first healthy one and rewrites ``host``; passing them all keeps the daemon's per-read
+health tracking, so a mirror that dies while containers read falls back to the origin. Each entry
+carries the mirror's ``ca_cert_files`` and ``skip_verify`` (nydus-core extension keys).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from typing import Any
 
 import pluggy
 
+from nydus_core.config import RemoteConfig
 from nydus_core.errors import ConfigError
+from nydus_core.remote.mirrors import MirrorConfig, MirrorConfigError, from_hosts_dir
 from nydus_core.remote.reference import parse_ref
 
 # A registry-backed FUSE config in upstream's v1 JSON schema (misc/snapshotter/nydusd-config.fusedev.json).
@@ -79,8 +88,12 @@ def build_config(
     cache_dir: Path,
     labels: Mapping[str, str],
     pm: pluggy.PluginManager,
+    remote: RemoteConfig | None = None,
 ) -> dict[str, Any]:
-    """Fill a copy of `template` for one image; credentials come from `nydus_credentials`."""
+    """Fill a copy of `template` for one image; credentials come from `nydus_credentials`.
+
+    `remote` is the snapshotter's ``[remote]`` section (TLS skip and hosts.toml mirrors).
+    """
     doc = copy.deepcopy(dict(template))
     device = _obj(doc, "device", "")
     backend = _obj(device, "backend", "device")
@@ -100,7 +113,47 @@ def build_config(
             else:
                 backend_cfg["registry_token"] = creds.secret
                 backend_cfg.pop("auth", None)
+        if remote is not None:
+            _apply_remote(backend_cfg, remote, ref.host)
     return doc
+
+
+def _mirror_entry(m: MirrorConfig) -> dict[str, Any]:
+    """One hosts.toml mirror as a nydusd JSON ``mirrors`` entry."""
+    entry: dict[str, Any] = {
+        "host": m.url,
+        "headers": dict(m.headers),
+        "auth_through": m.auth_through,
+        "health_check_interval": m.health_check_interval,
+        "failure_limit": m.failure_limit,
+        "ping_url": m.ping_url,
+    }
+    if m.ca_files:
+        entry["ca_cert_files"] = list(m.ca_files)
+    if m.skip_verify:
+        entry["skip_verify"] = True
+    if m.override_path:
+        entry["override_path"] = True
+    return entry
+
+
+def _apply_remote(backend_cfg: dict[str, Any], remote: RemoteConfig, registry_host: str) -> None:
+    if remote.skip_ssl_verify:
+        backend_cfg["skip_verify"] = True
+    mirrors_dir = remote.mirrors_config.dir
+    if mirrors_dir is None:
+        return
+    try:
+        found = from_hosts_dir(Path(mirrors_dir), registry_host)
+    except MirrorConfigError as e:
+        raise ConfigError(f"[remote.mirrors_config] dir: {e}") from e
+    pulling = [m for m in found if "pull" in m.capabilities]
+    if not pulling:
+        return
+    existing = backend_cfg.get("mirrors") or []
+    if not isinstance(existing, list):
+        raise ConfigError("nydusd config template: device.backend.config.mirrors must be a JSON array")
+    backend_cfg["mirrors"] = [*existing, *(_mirror_entry(m) for m in pulling)]
 
 
 def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:

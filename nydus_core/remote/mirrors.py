@@ -2,7 +2,8 @@
 
 1. nydusd's JSON ``device.backend.config.mirrors`` array (how Dragonfly's P2P mirror is set up):
    ``host`` (a URL), ``headers``, ``auth_through``, ``health_check_interval``, ``failure_limit``,
-   ``ping_url``.
+   ``ping_url``; nydus-core also reads ``ca_cert_files``, ``skip_verify`` and ``override_path``
+   there, which is how the snapshotter passes hosts.toml mirrors on to the daemon.
 2. containerd ``hosts.toml`` files under ``[remote.mirrors_config] dir``: the directory for a
    registry is ``<dir>/<host with ":port" → "_port_">``, else ``<dir>/<host>``, else
    ``<dir>/_default``; each ``[host."<scheme://host>"]`` section, in file order, is one mirror with
@@ -99,6 +100,11 @@ def from_nydusd_json(mirrors: Sequence[Mapping[str, Any]] | None) -> list[Mirror
         if not isinstance(headers, Mapping):
             raise MirrorConfigError(f"mirrors[{i}].headers must be an object")
         limit = int(_positive(entry.get("failure_limit"), "failure_limit", DEFAULT_FAILURE_LIMIT))
+        ca = entry.get("ca_cert_files") or []
+        if isinstance(ca, str):
+            ca = [ca]
+        if not isinstance(ca, list) or not all(isinstance(c, str) for c in ca):
+            raise MirrorConfigError(f"mirrors[{i}].ca_cert_files must be a list of paths")
         out.append(
             MirrorConfig(
                 url=_with_scheme(host),
@@ -109,6 +115,9 @@ def from_nydusd_json(mirrors: Sequence[Mapping[str, Any]] | None) -> list[Mirror
                 ),
                 failure_limit=max(limit, 1),
                 ping_url=str(entry.get("ping_url") or ""),
+                ca_files=tuple(ca),
+                skip_verify=bool(entry.get("skip_verify", False)),
+                override_path=bool(entry.get("override_path", False)),
             )
         )
     return out

@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -523,8 +523,11 @@ class NydusSnapshotter:
     """``containerd-nydus-grpc`` as a subprocess, with crash (`kill9`) and `restart` helpers."""
 
     def __init__(self, workdir: Path, address: Path, root: Path | None = None,
-                 extra_args: Sequence[str] = (), log_level: str = "debug"):
+                 extra_args: Sequence[str] = (), log_level: str = "debug",
+                 env: Mapping[str, str] | None = None):
+        """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``)."""
         self.workdir = workdir
+        self.env = dict(env or {})
         self.address = address
         self.root = root or workdir / "root"
         self.log_path = workdir / "snapshotter.log"
@@ -555,7 +558,8 @@ class NydusSnapshotter:
         """Start and wait until the gRPC socket accepts a connection."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.address.parent.mkdir(parents=True, exist_ok=True)
-        self._proc = ManagedProcess("containerd-nydus-grpc", self.argv(), self.log_path)
+        env = {**os.environ, **self.env} if self.env else None
+        self._proc = ManagedProcess("containerd-nydus-grpc", self.argv(), self.log_path, env=env)
         self._proc.start()
 
         def ready() -> bool:

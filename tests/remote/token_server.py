@@ -162,6 +162,12 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             token = server.issue(service, scopes, user)
             self._reply(200, {"token": token, "access_token": token, "expires_in": server.lifetime})
 
+        def do_POST(self) -> None:
+            # The OAuth2 password grant is not offered: 405 makes containerd (which tries it first
+            # when it has credentials) fall back to the GET flow above, as with Docker Hub's realm.
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._reply(405, {"errors": [{"code": "UNSUPPORTED", "message": "use GET"}]})
+
         @property
         def users(self) -> dict[str, str]:
             return server.users
