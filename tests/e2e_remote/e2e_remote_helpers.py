@@ -186,9 +186,6 @@ class Scenario:
             parts.append(f"\n=== {p}\n" + p.read_text(errors="replace"))
         return "".join(parts)
 
-    def daemon_logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted((self.root / "logs").rglob("*.log")))
-
     def close(self) -> None:
         ctrd = self.stack.containerd
         for cid in self.containers:
