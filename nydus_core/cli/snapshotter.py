@@ -8,7 +8,8 @@ Flag names are upstream's, so existing systemd units keep working; flags overrid
 3. build the plugin manager (built-ins, then ``nydus_core.plugins`` entry points);
 4. open the daemon manager and recover the daemons recorded by a previous run;
 5. open the metastore (`Snapshotter`) and listen on the socket (``0660``);
-6. fire `nydus_snapshotter_started`.
+6. fire `nydus_snapshotter_started`;
+7. start the system controller API (``[system] enable``, socket ``[system] address``, ``0600``).
 
 SIGTERM or SIGINT stops serving within a second, fires `nydus_snapshotter_stopping`, closes the
 metastore and the daemon records, and exits with status 0. Daemons are **not** stopped: running
@@ -209,13 +210,37 @@ def _serve_until(
         log.error("plugin not loaded: %s", failed.error)
 
     running = RunningSnapshotter.start(config, pm, liveness_interval=LIVENESS_INTERVAL)
+    controller = _start_system_controller(config, running.images)
     try:
         log.info("ready")
         stop.wait()
         log.info("received %s, stopping", received[0] if received else "stop request")
         return 0
     finally:
+        if controller is not None:
+            controller.stop()
         running.stop()
+
+
+def _start_system_controller(config: SnapshotterConfig, images: Any) -> Any:
+    """Start the ``[system]`` API when enabled and there is a daemon manager to report on.
+
+    A failure is logged and the snapshotter keeps serving: containerd needs the snapshots API,
+    the system API is for operators.
+    """
+    if not config.system.enable:
+        log.info("system controller disabled ([system] enable = false)")
+        return None
+    if images is None:
+        log.warning("system controller not started: no daemon manager")
+        return None
+    from nydus_core.system import SystemController, SystemControllerError
+
+    try:
+        return SystemController(config.system.address, images, config.system.uid, config.system.gid).start()
+    except SystemControllerError as exc:
+        log.error("system controller not started: %s", exc)
+        return None
 
 
 def _replay_to_stderr(buffered: BufferedRecords) -> None:

@@ -65,6 +65,7 @@ class SeenRequest:
     status: int
     fault: str | None
     headers: tuple[tuple[str, str], ...] = ()
+    body_bytes: int = 0  # response body bytes sent to the client
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name.lower()), None)
@@ -213,8 +214,9 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                 (k.lower(), v) for k, v in self.headers.items() if k.lower() != "authorization"
             )
 
-            def record(status: int) -> None:
-                proxy._record(SeenRequest(method, path, rng, authorized, status, kind, seen_headers))
+            def record(status: int, nbytes: int = 0) -> None:
+                proxy._record(SeenRequest(method, path, rng, authorized, status, kind, seen_headers, nbytes))
+
             if fault is not None and fault.kind == "drop":
                 record(0)
                 self.close_connection = True
@@ -258,7 +260,7 @@ def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                 i = fault.flip_offset if fault.flip_offset >= 0 else len(data) // 2
                 if i < len(data):
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-            record(status)
+            record(status, len(data))
             self.send_response_only(status)
             for k, v in headers:
                 if k.lower() == "content-length" and method != "HEAD":

@@ -477,16 +477,22 @@ class Containerd:
         self.ctr("leases", "create", "--id", lease, namespace=namespace)
         self.ctr("leases", "delete", "--sync", lease, namespace=namespace)
 
+    def kill_task(self, task: str, namespace: str | None = None, timeout: float = 15.0) -> None:
+        """SIGKILL a task and delete it once it has exited (``tasks delete`` fails while it runs)."""
+        self.ctr("tasks", "kill", "-s", "SIGKILL", task, namespace=namespace, check=False, timeout=30)
+
+        def deleted() -> bool:
+            done = self.ctr("tasks", "delete", task, namespace=namespace, check=False, timeout=30)
+            return done.returncode == 0 or "not found" in done.stderr
+
+        wait_until(deleted, timeout, f"task {task} to exit after SIGKILL", interval=0.1)
+
     def cleanup_namespace(self, namespace: str) -> None:
         """Kill and delete every task and container of `namespace` (shims outlive containerd otherwise)."""
         tasks = self.ctr("tasks", "ls", "-q", namespace=namespace, check=False, timeout=30)
         for task in tasks.stdout.split():
-            self.ctr("tasks", "kill", "-s", "SIGKILL", task, namespace=namespace, check=False, timeout=30)
-            for _ in range(50):
-                deleted = self.ctr("tasks", "delete", task, namespace=namespace, check=False, timeout=30)
-                if deleted.returncode == 0:
-                    break
-                time.sleep(0.1)
+            with contextlib.suppress(ServiceError):
+                self.kill_task(task, namespace=namespace)
         containers = self.ctr("containers", "ls", "-q", namespace=namespace, check=False, timeout=30)
         for c in containers.stdout.split():
             self.ctr("containers", "delete", c, namespace=namespace, check=False, timeout=30)
@@ -524,8 +530,13 @@ class NydusSnapshotter:
 
     def __init__(self, workdir: Path, address: Path, root: Path | None = None,
                  extra_args: Sequence[str] = (), log_level: str = "debug",
-                 env: Mapping[str, str] | None = None):
-        """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``)."""
+                 env: Mapping[str, str] | None = None, system_address: Path | None = None):
+        """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``).
+
+        `system_address` is where the system controller API listens (default
+        ``<workdir>/system.sock``, never the machine-wide ``/run/containerd-nydus``); it goes in a
+        small ``--config`` file unless `extra_args` bring their own ``--config``."""
+        self.system_address = system_address or workdir / "system.sock"
         self.workdir = workdir
         self.env = dict(env or {})
         self.address = address
@@ -544,9 +555,15 @@ class NydusSnapshotter:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "snapshotter-config.toml"
+
     def argv(self) -> list[str]:
+        own_config = [] if "--config" in self.extra_args else ["--config", str(self.config_path)]
         return [
             snapshotter_executable(),
+            *own_config,
             "--root", str(self.root),
             "--address", str(self.address),
             "--log-level", self.log_level,
@@ -558,6 +575,9 @@ class NydusSnapshotter:
         """Start and wait until the gRPC socket accepts a connection."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.address.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            f'version = 1\n\n[system]\nenable = true\naddress = "{self.system_address}"\n'
+        )
         env = {**os.environ, **self.env} if self.env else None
         self._proc = ManagedProcess("containerd-nydus-grpc", self.argv(), self.log_path, env=env)
         self._proc.start()
@@ -596,6 +616,22 @@ class NydusSnapshotter:
 
     def log_tail(self, limit: int = 20000) -> str:
         return _tail(self.log_path, limit)
+
+    def system_get(self, path: str, timeout: float = 10.0) -> Any:
+        """``GET <path>`` on the system controller socket; the decoded JSON (raises on non-200)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.system_address))
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: nydus\r\n\r\n".encode())
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1].decode() if head else "?"
+        if status != "200":
+            text = body.decode(errors="replace")
+            raise ServiceError(f"system controller GET {path}: HTTP {status}: {text}")
+        return json.loads(body)
 
 
 class ServiceStack:
