@@ -55,8 +55,7 @@ def test_graceful_restart_under_running_container(
     info = containerd.ctr("snapshots", "--snapshotter", "nydus", "info", "long-lived", namespace=ns).stdout
     assert '"Kind": "Active"' in info, "the container's snapshot was forgotten across the restart"
 
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "long-lived", namespace=ns)
-    containerd.ctr("tasks", "delete", "long-lived", namespace=ns, check=False)  # may race the exit
+    containerd.kill_task("long-lived", namespace=ns)
     containerd.ctr("containers", "delete", "long-lived", namespace=ns)
     listed = containerd.ctr("snapshots", "--snapshotter", "nydus", "ls", namespace=ns).stdout
     assert "long-lived" not in listed
