@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -209,6 +210,8 @@ class Stack:
         self.socket = workdir / "s" / "nydus.sock"
         self.containerd = Containerd(workdir / "c", {"nydus": self.socket})
         self._count = 0
+        # runc keeps state per namespace and container id machine-wide: unique per run.
+        self.tag = secrets.token_hex(3)
 
     def start(self) -> None:
         self.containerd.start()
@@ -231,7 +234,7 @@ class Stack:
                                             "--nydusd-config", str(d / "nydusd.json")])  # fmt: skip
         self.socket.unlink(missing_ok=True)
         snap.start()
-        sc = Scenario(self, f"{name}{self._count}", snap, f"e2er-{name}-{self._count}")
+        sc = Scenario(self, f"{name}{self._count}-{self.tag}", snap, f"e2er-{self.tag}-{name}-{self._count}")
         # containerd dials the proxy socket lazily and backs off after a failed dial: wait until
         # it reaches this snapshotter, so the first real call does not meet the backoff.
         # (`snapshots ls` is answered from containerd's own metadata; `prepare` reaches the proxy.)
