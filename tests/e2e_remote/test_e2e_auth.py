@@ -7,6 +7,7 @@ authorised with what the snapshotter found in the docker config of its environme
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,15 @@ def _refused(stack: Stack, ref: str, reg_host: str, tmp: Path, name: str) -> str
     env = {"DOCKER_CONFIG": str(docker_config(tmp / "docker-wrong", reg_host, USER, WRONG))}
     with stack.scenario(name, template("http"), env=env) as sc:
         sc.rpull(ref, "--plain-http", "--user", f"{USER}:{PASSWORD}")  # containerd's own fetch is allowed
+        started = time.monotonic()
         proc = sc.run(ref, "busybox", "cat", "/etc/hello.txt", timeout=60)
+        elapsed = time.monotonic() - started
         assert proc.returncode != 0, proc.stdout
-        logs = sc.logs()
+        assert elapsed < 30, f"a refused registry must fail fast, took {elapsed:.1f}s"
+        # The daemon's config carries the (wrong) secret: private to root.
+        configs = list((sc.root / "config").rglob("config.json"))
+        assert configs and all(c.stat().st_mode & 0o777 == 0o600 for c in configs)
+        logs = sc.logs() + stack.containerd.log_path.read_text(errors="replace")
     assert WRONG not in logs and PASSWORD not in logs
     return logs + proc.stderr
 

@@ -9,6 +9,7 @@ keeps running while the mirror is stopped; its next read falls back to the origi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from e2e_remote_helpers import Scenario, Stack, docker_config, md5, source_file,
 from remote_helpers import PASSWORD, USER, start_registry
 from token_server import TokenServer
 
-from nydus_core.testing.proxy import FaultyProxy
-from nydus_core.testing.services import Registry
+from nydus_core.testing.proxy import Fault, FaultyProxy
+from nydus_core.testing.services import Registry, wait_until
 
 pytestmark = pytest.mark.containerd
 
@@ -71,9 +72,18 @@ def _reads_then_mirror_dies(sc: Scenario, ref: str, origin: FaultyProxy, mirror:
     assert first.returncode == 0 and "hello from layer1" in first.stdout, first.stderr + sc.logs()[-3000:]
     assert served_blob_reads(mirror) > 0
     assert origin.count("/blobs/") == 0, [r.path for r in origin.requests]
-    mirror_registry.stop()  # mid-run: the container keeps running and reads again
+    # The next blob request to the mirror is held for a while; the container starts reading, the
+    # mirror is stopped under that read, and the held request then finds it gone.
+    held = mirror.add_fault(Fault("delay", path_contains="/blobs/", seconds=1.5, times=1))
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(sc.exec, cid, "busybox", "md5sum", "/data/random.bin")
+        # (the proxy counts a fault down when a request takes it, before the delay)
+        wait_until(lambda: held.times == 0 or reading.done(), 10, "the container's read to reach the mirror",
+                   interval=0.02)  # fmt: skip
+        assert not reading.done()
+        mirror_registry.stop()
+        second = reading.result(timeout=120)
     mirror_reads = served_blob_reads(mirror)
-    second = sc.exec(cid, "busybox", "md5sum", "/data/random.bin")
     assert second.returncode == 0, second.stderr + sc.logs()[-3000:]
     assert second.stdout.split()[0] == want
     assert served_blob_reads(origin) > 0
