@@ -193,6 +193,9 @@ class FaultyProxy:
 def _make_handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+        # delayed ACK (40 ms) on every response, which made lazy reads through the proxy crawl.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:  # silence stderr access logs
             pass
