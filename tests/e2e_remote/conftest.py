@@ -1,7 +1,8 @@
 """Fixtures of the remote end-to-end tests (auth, TLS, mirrors, integrity through containerd).
 
 Registries, the token server and the test PKI are the ones `tests/remote` uses; its helper
-modules are imported from there by name (they are plain modules, not conftest).
+modules are imported from there by name (they are plain modules, not conftest). Test modules
+import helpers from `e2e_remote_helpers`, never from ``conftest`` (several test dirs have one).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "remote"))
 
-from e2e_remote_helpers import Stack, convert
-from remote_helpers import PASSWORD, USER, Pki, start_registry, write_docker_config
+from e2e_remote_helpers import NYDUS_TAG, Stack, convert
+from remote_helpers import PASSWORD, USER, Pki, start_registry
 from remote_pki import make_ca, make_server_cert, make_signing_cert
 from token_server import TokenServer
 
 from nydus_core.testing.services import Registry, unmount_below
-
-NYDUS_TAG = "nydus-e2e"
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +85,3 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory, e2e_pki: Pki) -> Iter
     reg = start_registry(tmp_path_factory.mktemp("e2e-tls"), tls=(e2e_pki.server.cert, e2e_pki.server.key))
     yield reg
     reg.stop()
-
-
-def push_nydus(busybox_image: str, reg: Registry, tmp: Path, *flags: str) -> str:
-    """Convert busybox into `reg` (credentials through a docker config nydusify reads)."""
-    env = {"DOCKER_CONFIG": str(write_docker_config(tmp, reg.host, USER, PASSWORD))}
-    return convert(busybox_image, f"{reg.host}/busybox:{NYDUS_TAG}", *(flags or ("--plain-http",)), env=env)

@@ -28,6 +28,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from remote_helpers import PASSWORD, USER  # on sys.path through conftest (tests/remote)
+
 from nydus_core.testing.services import Containerd, NydusSnapshotter, ServiceError, unmount_below, wait_until
 
 NYDUSIFY = str(Path(sys.executable).parent / "nydusify")
@@ -35,6 +37,7 @@ NYDUSD = str(Path(sys.executable).parent / "nydusd-py")
 CTR_REMOTE = shutil.which("ctr-remote") or "ctr-remote"
 CHUNK_SIZE = "0x40000"  # 256 KiB: the 1 MiB /data/random.bin spans four chunks
 RUN_TIMEOUT = 90.0
+NYDUS_TAG = "nydus-e2e"
 
 
 def nydusify(*args: str, env: Mapping[str, str] | None = None) -> None:
@@ -54,6 +57,13 @@ def convert(source: str, target: str, *target_flags: str, env: Mapping[str, str]
     nydusify("convert", "--source", source, "--target", target, "--chunk-size", CHUNK_SIZE, *target_flags,
              env=env)  # fmt: skip
     return target
+
+
+def push_nydus(busybox_image: str, registry_host: str, tmp: Path, *flags: str) -> str:
+    """Convert busybox into the registry at `registry_host` (credentials through a docker config)."""
+    env = {"DOCKER_CONFIG": str(docker_config(tmp, registry_host, USER, PASSWORD))}
+    target = f"{registry_host}/busybox:{NYDUS_TAG}"
+    return convert(busybox_image, target, *(flags or ("--plain-http",)), env=env)
 
 
 def source_file(registry_url: str, ref: str, path: str) -> bytes:
@@ -183,8 +193,12 @@ class Scenario:
     def logs(self) -> str:
         """The snapshotter's log and every daemon log under its root, concatenated."""
         parts = [self.snapshotter.log_path.read_text(errors="replace")]
-        for p in sorted(self.root.rglob("*.log")):
-            parts.append(f"\n=== {p}\n" + p.read_text(errors="replace"))
+        # Daemon logs live under <root>/logs (with --log-to-stdout they are in the snapshotter's);
+        # never walk the whole root: it holds mounts being torn down and the FUSE mounts themselves.
+        for top, _dirs, files in os.walk(self.root / "logs"):
+            for name in sorted(files):
+                with contextlib.suppress(OSError):
+                    parts.append(f"\n=== {name}\n" + (Path(top) / name).read_text(errors="replace"))
         return "".join(parts)
 
     def close(self) -> None:

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import push_nydus
-from e2e_remote_helpers import Stack, docker_config, md5, source_file, template
+from e2e_remote_helpers import Stack, docker_config, md5, push_nydus, source_file, template
 from remote_helpers import PASSWORD, USER
 from token_server import TokenServer
 
@@ -61,7 +60,7 @@ def _refused(stack: Stack, ref: str, reg_host: str, tmp: Path, name: str) -> str
 
 def test_basic_auth_from_docker_config(stack: Stack, basic_registry: Registry, busybox_image: str,
                                        registry: Registry, tmp_path: Path) -> None:  # fmt: skip
-    ref = push_nydus(busybox_image, basic_registry, tmp_path / "push")
+    ref = push_nydus(busybox_image, basic_registry.host, tmp_path / "push")
     _works(stack, ref, basic_registry.host, tmp_path, busybox_image, registry, "basic")
     err = _refused(stack, ref, basic_registry.host, tmp_path, "basicbad")
     assert basic_registry.host in err and "refused the credentials" in err, err[-3000:]
@@ -72,7 +71,7 @@ def test_token_auth_from_docker_config(
     stack: Stack, token_registry: Registry, token_server: TokenServer, busybox_image: str, registry: Registry,
     tmp_path: Path,
 ) -> None:
-    ref = push_nydus(busybox_image, token_registry, tmp_path / "push")
+    ref = push_nydus(busybox_image, token_registry.host, tmp_path / "push")
     before = token_server.count("nydus-core")
     _works(stack, ref, token_registry.host, tmp_path, busybox_image, registry, "token")
     assert token_server.count("nydus-core") > before  # the daemon went through the token realm

@@ -64,7 +64,7 @@ def test_flipped_byte_is_eio_never_cached_then_recovers(
         found = re.search(rf"blob {blob} chunk (\d+): digest mismatch", logs)
         assert found, logs[-4000:]
         index = int(found.group(1))
-        (chunk_map,) = sc.root.rglob(f"{blob}.blob.data.chunk_map")
+        chunk_map = sc.cache_dir / f"{blob}.blob.data.chunk_map"
         assert not _ready(chunk_map, index), "a chunk that failed its digest check was marked cached"
 
         proxy.clear_faults()

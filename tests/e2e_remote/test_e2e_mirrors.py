@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import push_nydus
-from e2e_remote_helpers import Scenario, Stack, docker_config, md5, source_file, template
+from e2e_remote_helpers import Scenario, Stack, docker_config, md5, push_nydus, source_file, template
 from remote_helpers import PASSWORD, USER, start_registry
 from token_server import TokenServer
 
@@ -33,7 +32,7 @@ def served_blob_reads(proxy: FaultyProxy) -> int:
 
 @pytest.fixture(scope="module")
 def token_ref(busybox_image: str, token_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return push_nydus(busybox_image, token_registry, tmp_path_factory.mktemp("mirror-push"))
+    return push_nydus(busybox_image, token_registry.host, tmp_path_factory.mktemp("mirror-push"))
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import push_nydus
-from e2e_remote_helpers import Scenario, Stack, md5, source_file, template
+from e2e_remote_helpers import Scenario, Stack, md5, push_nydus, source_file, template
 from remote_helpers import Pki
 
 from nydus_core.testing.services import Registry
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.containerd
 
 @pytest.fixture(scope="module")
 def tls_ref(busybox_image: str, tls_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return push_nydus(busybox_image, tls_registry, tmp_path_factory.mktemp("tls-push"), "--source-insecure",
-                      "--target-insecure")  # fmt: skip
+    tmp = tmp_path_factory.mktemp("tls-push")
+    return push_nydus(busybox_image, tls_registry.host, tmp, "--source-insecure", "--target-insecure")
 
 
 def _read(sc: Scenario, ref: str, ca: Path) -> tuple[int, str]:
