@@ -113,9 +113,10 @@ class MetaStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a kill -9 never loses a committed transaction (the WAL is in the
-        # page cache); only a power cut may drop the last few, which Cleanup then reconciles.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every committed transaction is on disk before containerd hears "done", as with
+        # containerd's own bolt store. NORMAL would survive a kill -9 but a power cut could drop
+        # records containerd already holds, which is upstream's "missing parent" failure.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._tx(write=True) as cur:
