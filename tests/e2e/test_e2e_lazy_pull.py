@@ -91,12 +91,37 @@ def _run_ready(stack: E2EStack, ref: str, namespace: str) -> None:
     assert out.stdout.strip() == "ready", out
 
 
-def _assert_served_by_daemon(stack: E2EStack) -> None:
+def _nydusctl(*args: str) -> dict[str, Any]:
+    """Run ``nydusctl --raw <args>`` (the console script, or the module before a reinstall)."""
+    script = Path(sys.executable).with_name("nydusctl")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "nydus_core.cli.nydusctl"]
+    proc = subprocess.run([*argv, "--raw", *args], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def _assert_served_by_daemon(stack: E2EStack, image_ref: str) -> None:
+    """The system API names the daemon(s) and the image; nydusctl on that socket agrees."""
     daemons = stack.daemons()
-    assert daemons, "the system API lists no daemon although a container ran"
-    assert any(d["instances"] for d in daemons), daemons
-    expected = 1 if stack.mode == "shared" else len(daemons)
-    assert len(daemons) == expected, daemons
+    assert len(daemons) == 1, f"one image, so one daemon in either mode: {daemons}"
+    daemon = daemons[0]
+    assert daemon["pid"] > 0 and Path(f"/proc/{daemon['pid']}").exists(), daemon
+    assert daemon["reference"] == len(daemon["instances"]) == 1, daemon
+    (inst,) = daemon["instances"].values()
+    assert inst["image_id"] == image_ref, inst
+    assert Path(inst["mountpoint"]).is_dir() and Path(inst["snapshot_dir"]).is_dir(), inst
+    if stack.mode == "shared":
+        assert inst["mountpoint"] == str(Path(daemon["mountpoint"]) / inst["snapshot_id"]), daemon
+    else:
+        assert inst["mountpoint"] == daemon["mountpoint"], daemon
+    assert daemon["read_data_kb"] > 0, daemon
+
+    info = _nydusctl("--sock", daemon["api_socket"], "info")
+    assert info["state"] == "RUNNING", info
+    sid = ["--id", inst["snapshot_id"]] if stack.mode == "shared" else []
+    metrics = _nydusctl("--sock", daemon["api_socket"], "metrics", *sid)
+    assert metrics["data_read"] > 0, metrics
 
 
 def test_rpull_then_run(e2e_stack: E2EStack, debian_py: DebianImage, counting_proxy: FaultyProxy,
@@ -114,7 +139,7 @@ def test_rpull_then_run(e2e_stack: E2EStack, debian_py: DebianImage, counting_pr
     assert pulled.returncode == 0, pulled.stderr
     _run_ready(e2e_stack, ref, ns)
     _measure("rpull", e2e_stack.mode, counting_proxy, registry, debian_py, tmp_path)
-    _assert_served_by_daemon(e2e_stack)
+    _assert_served_by_daemon(e2e_stack, ref)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +169,7 @@ def test_cri_pull_then_run(e2e_stack: E2EStack, debian_py: DebianImage, counting
     assert resp.image_ref.startswith("sha256:")
     _run_ready(e2e_stack, ref, "k8s.io")
     _measure("cri", e2e_stack.mode, counting_proxy, registry, debian_py, tmp_path)
-    _assert_served_by_daemon(e2e_stack)
+    _assert_served_by_daemon(e2e_stack, ref)
 
 
 @pytest.mark.parametrize("daemon_mode", ["dedicated"])

@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,12 @@ def test_disabled_means_no_socket(workdir: Path) -> None:
         assert "system controller disabled" in s.log_tail()
     finally:
         s.stop()
+
+
+def test_nydusctl_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    """The happy path (info and metrics of a live daemon) runs in tests/e2e."""
+    sock = tmp_path / "api.sock"
+    proc = subprocess.run([sys.executable, "-m", "nydus_core.cli.nydusctl", "--sock", str(sock), "info"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"nydusctl: error: no daemon API socket at {sock}"
