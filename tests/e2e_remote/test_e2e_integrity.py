@@ -7,7 +7,9 @@ fault is gone the same read in the same container succeeds and the chunk is cach
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -41,6 +43,26 @@ def _data_blob(registry: Registry, ref: str, index: int) -> str:
     return digest.split(":", 1)[1]
 
 
+def _data_extents(path: Path) -> int:
+    """Bytes of `path` that are data rather than holes (SEEK_DATA / SEEK_HOLE)."""
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, pos = os.fstat(fd).st_size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            total += pos - start
+    finally:
+        os.close(fd)
+    return total
+
+
 def _ready(chunk_map: Path, index: int) -> bool:
     raw = chunk_map.read_bytes()
     return bool(raw[HEADER + index // 8] & (0x80 >> (index % 8)))
@@ -66,6 +88,10 @@ def test_flipped_byte_is_eio_never_cached_then_recovers(
         index = int(found.group(1))
         chunk_map = sc.cache_dir / f"{blob}.blob.data.chunk_map"
         assert not _ready(chunk_map, index), "a chunk that failed its digest check was marked cached"
+        # Every fetch of this blob was corrupted, so nothing of it may be in the cache: no ready
+        # bit, and the sparse data file holds no data at all.
+        assert not any(chunk_map.read_bytes()[HEADER:])
+        assert _data_extents(sc.cache_dir / f"{blob}.blob.data") == 0
 
         proxy.clear_faults()
         assert fault.kind == "flip"
@@ -73,3 +99,4 @@ def test_flipped_byte_is_eio_never_cached_then_recovers(
         assert good.returncode == 0, good.stderr + sc.logs()[-3000:]
         assert good.stdout.split()[0] == want
         assert _ready(chunk_map, index)
+        assert _data_extents(sc.cache_dir / f"{blob}.blob.data") >= 1 << 20  # all of random.bin
