@@ -36,6 +36,7 @@ from e2e_helpers import BUILD, MEASUREMENTS, E2EStack
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "snapshot_annotations_off: e2e stack with CRI's default "
                             "disable_snapshot_annotations = true")
+    config.addinivalue_line("markers", "amplify_io(n): e2e stack whose nydusd template sets amplify_io = n")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -86,9 +87,11 @@ def e2e_stack(
     Mark a test ``snapshot_annotations_off`` to get CRI's default
     ``disable_snapshot_annotations = true``."""
     marker = request.node.get_closest_marker("snapshot_annotations_off")
+    amplify = request.node.get_closest_marker("amplify_io")
     workdir = Path(tempfile.mkdtemp(prefix="nydus-e2e-"))  # short: unix socket paths
     stack = E2EStack(workdir, daemon_mode, plain_http=(counting_proxy.host,),
-                     snapshot_annotations=marker is None)
+                     snapshot_annotations=marker is None,
+                     amplify_io=int(amplify.args[0]) if amplify is not None else None)
     try:
         stack.start()
         yield stack

@@ -52,13 +52,16 @@ class E2EStack:
     """containerd (CRI on, snapshot annotations on unless told) + our snapshotter in one `daemon_mode`."""
 
     def __init__(self, workdir: Path, mode: str, plain_http: tuple[str, ...],
-                 snapshot_annotations: bool = True) -> None:
+                 snapshot_annotations: bool = True, amplify_io: int | None = None) -> None:
         self.workdir = workdir
         self.mode = mode
         sock = workdir / "nydus" / "nydus.sock"
         template = workdir / "nydusd-config.json"
         workdir.mkdir(parents=True, exist_ok=True)
-        template.write_text(json.dumps(NYDUSD_TEMPLATE, indent=2))
+        self.nydusd_config = dict(NYDUSD_TEMPLATE)
+        if amplify_io is not None:
+            self.nydusd_config["amplify_io"] = amplify_io
+        template.write_text(json.dumps(self.nydusd_config, indent=2))
         self.snapshotter = NydusSnapshotter(
             workdir / "nydus", sock,
             extra_args=["--daemon-mode", mode, "--nydusd-path", NYDUSD_PY, "--nydusd-config", str(template)],
