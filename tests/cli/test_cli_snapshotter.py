@@ -23,7 +23,7 @@ import nydus_core
 from nydus_core.snapshot import labels as L
 from nydus_core.snapshot.model import Mount
 from nydus_core.testing.client import SnapshotterClient
-from nydus_core.testing.services import snapshotter_executable, unmount_below
+from nydus_core.testing.services import snapshotter_executable, unmount_below, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MINI_NYDUSD = REPO / "tests" / "daemon" / "mini_nydusd.py"
@@ -142,6 +142,8 @@ def test_socket_and_log_file(workdir: Path, procs: list[Snapshotter]) -> None:
 
     log = log_file(root)
     assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    # "ready" is logged just after the socket appears, not before it.
+    wait_until(lambda: " ready" in log.read_text(), 5, "the ready line in the log")
     text = log.read_text()
     assert f"configuration file: {config}" in text
     assert f"root {root}, address {sock}" in text
@@ -346,6 +348,7 @@ def test_nydus_snapshotter_started_and_stopping_in_subprocess(
     root, sock = workdir / "root", workdir / "s.sock"
     p = run(workdir, procs, "--root", str(root), "--address", str(sock), env={"NYDUS_CORE_TRACE_HOOKS": "1"})
     p.wait_socket(sock)
+    wait_until(lambda: " ready" in log_file(root).read_text(), 5, "the ready line in the log")
     p.stop()
     text = log_file(root).read_text()
     started = text.index("call nydus_snapshotter_started(")
