@@ -47,7 +47,7 @@ test-integration: system venv
 	$(BIN)/pytest -m containerd $(PYTEST_ARGS)
 
 demo: system venv
-	$(BIN)/python scripts/demo.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/demo.py
 
 proto: venv
 	PATH="$(abspath $(BIN)):$$PATH" sh scripts/gen_proto.sh

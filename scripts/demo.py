@@ -4,17 +4,26 @@
 Brings up (all under one temp dir, nothing in /etc): a docker-registry on a free loopback port,
 containerd 1.6 with ``[proxy_plugins.nydus]``, and ``containerd-nydus-grpc``. Builds a 3-layer
 busybox image with umoci, pushes it with skopeo, pulls it with ``--snapshotter nydus``, runs a
-container and checks its output, then tears everything down, also on failure or Ctrl-C.
+container and checks its output (the plain OCI path). Then converts the image with ``nydusify``,
+pulls the nydus image with ``ctr-remote image rpull`` (containerd downloads only the bootstrap
+layer) and runs it again, its data read lazily by ``nydusd-py`` (the lazy path). Everything is torn
+down at the end, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from nydus_core.testing.services import (
     BUSYBOX_LAYER2_FILE,
@@ -36,8 +45,29 @@ def on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"demo interrupted by signal {signum}")
 
 
+#: The nydusd JSON template a user writes for a plain-http registry such as this demo's.
+NYDUSD_TEMPLATE = {
+    "device": {
+        "backend": {"type": "registry", "config": {"scheme": "http", "timeout": 10, "retry_limit": 2}},
+        "cache": {"type": "blobcache", "config": {"work_dir": ""}},
+    },
+    "mode": "direct",
+    "digest_validate": True,
+    "enable_xattr": True,
+    "fs_prefetch": {"enable": False},
+}
+
+
 def run_demo(keep: bool) -> int:
-    with ServiceStack(with_registry=True, keep=keep) as stack:
+    with tempfile.TemporaryDirectory(prefix="nydus-demo-") as tmp:
+        template = Path(tmp) / "nydusd-config.json"
+        template.write_text(json.dumps(NYDUSD_TEMPLATE, indent=1))
+        return _run_demo(keep, template)
+
+
+def _run_demo(keep: bool, template: Path) -> int:
+    args = ["--nydusd-config", str(template)]
+    with ServiceStack(with_registry=True, keep=keep, snapshotter_args=args) as stack:
         assert stack.registry and stack.containerd and stack.snapshotter
         ctrd, snap = stack.containerd, stack.snapshotter
         step(f"services up under {stack.workdir}")
@@ -57,11 +87,35 @@ def run_demo(keep: bool) -> int:
             expected = ["hello from a container on nydus-core", BUSYBOX_LAYER2_TEXT, BUSYBOX_LAYER3_TEXT]
             if out.splitlines() != expected:
                 raise ServiceError(f"unexpected container output {out!r}, wanted {expected!r}")
+            step(f"plain OCI path OK: {' | '.join(out.splitlines())}")
+            lazy = run_lazy(ctrd.address, ctrd.namespace, ref, script, ctrd.ctr)
+            if lazy.splitlines() != expected:
+                raise ServiceError(f"unexpected lazy container output {lazy!r}, wanted {expected!r}")
+            step("daemons serving images lazily: " + json.dumps(snap.system_get("/api/v1/daemons"), indent=1))
         except Exception:
             step(f"snapshotter log tail:\n{snap.log_tail(4000)}")
             raise
     print(f"demo OK: container ran through the nydus snapshotter: {' | '.join(out.splitlines())}")
+    print(f"demo OK: the nydus image ran lazily through nydusd-py: {' | '.join(lazy.splitlines())}")
     return 0
+
+
+def run_lazy(address: str, namespace: str, ref: str, script: str, ctr: Any) -> str:
+    """Convert `ref` to nydus, rpull it (data blobs are never downloaded) and run it; return stdout."""
+    bindir = Path(sys.executable).parent
+    target = ref.rsplit(":", 1)[0] + ":nydus"
+    subprocess.run([str(bindir / "nydusify"), "convert", "--plain-http", "--source", ref, "--target", target],
+                   check=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    step(f"converted with nydusify: {target}")
+    ctr_remote = shutil.which("ctr-remote")
+    if not ctr_remote:
+        raise ServiceError("ctr-remote missing: apt-get install stargz-snapshotter")
+    subprocess.run([ctr_remote, "--address", address, "-n", namespace, "image", "rpull", "--plain-http",
+                    "--snapshotter", "nydus", target], check=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    step("pulled with ctr-remote image rpull: only the bootstrap layer was downloaded")
+    out: str = ctr("run", "--rm", "--snapshotter", "nydus", target, "nydus-demo-lazy", "/bin/sh", "-c",
+                   script).stdout  # fmt: skip
+    return out
 
 
 def main() -> int:
