@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.nydus-installed
 
-.PHONY: test test-integration lint typecheck pytest demo proto bench-ops system venv clean
+.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench bench-full system venv clean
 
 test: system venv lint pytest
 
@@ -54,6 +54,17 @@ proto: venv
 
 bench-ops: system venv
 	$(BIN)/python bench/snapshot_ops.py $(BENCH_ARGS)
+
+# Container startup (issue 6, bench/startup/README.md): quick grid {unshaped, 100 Mbit/s + 20 ms},
+# busybox + python, 3 samples (< 15 min); bench-full adds 25 Mbit/s + 50 ms and 3 MB/s + 100 ms,
+# python-big and gcc, 5 samples. Results, table and charts go to bench/startup/results/.
+bench: system venv
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/startup/run.py --grid quick -n 3 $(BENCH_ARGS)
+
+bench-full: system venv
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/startup/run.py --grid full -n 5 --images busybox,python,python-big,gcc $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
