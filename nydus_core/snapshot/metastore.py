@@ -12,9 +12,11 @@ crash safety (WAL). The semantics that containerd users depend on are kept exact
 * parent ids are reported nearest first (the overlay ``lowerdir`` order);
 * errors carry the gRPC code containerd branches on (`nydus_core.errors`).
 
-Thread safety: one connection guarded by one lock. Each operation is one short transaction, so a
-lock costs less than sqlite's busy-retry sleeping would; ``busy_timeout`` still covers another
-process (a debugging tool) reading the file.
+Thread safety: writes go through one connection guarded by one lock. Each write is one short
+transaction, so a lock costs less than sqlite's busy-retry sleeping would; ``busy_timeout`` still
+covers another process (a debugging tool) reading the file. Reads (Stat, Mounts, List, ...) use a
+connection per thread instead: in WAL mode a reader sees the last committed state without waiting
+for a writer, so a Mounts call never queues behind another client's fsync.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class MetaStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._closed = False
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: every committed transaction is on disk before containerd hears "done", as with
@@ -130,14 +135,45 @@ class MetaStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
             self._db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (opened on first use, closed by `close`)."""
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout=5000")
+                conn.execute("PRAGMA query_only=ON")
+                self._reader_conns.append(conn)
+            self._readers.conn = conn
+        return conn
 
     @contextmanager
     def _tx(self, write: bool = False) -> Iterator[sqlite3.Cursor]:
-        """One transaction under the lock: committed on success, rolled back on any exception."""
+        """One transaction: committed on success, rolled back on any exception.
+
+        Writes hold the writer lock; reads run on this thread's own connection, as one
+        consistent WAL snapshot, without any Python lock.
+        """
+        if not write:
+            cur = self._reader().cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+                cur.close()
+            return
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
             except BaseException:
@@ -170,11 +206,14 @@ class MetaStore:
         parent: str,
         labels: dict[str, str] | None,
         before_commit: Callable[[Snapshot], None] | None = None,
+        chain_out: list[ChainLink] | None = None,
     ) -> Snapshot:
         """Insert an Active or View snapshot.
 
         `before_commit` runs inside the open transaction with the new snapshot (the snapshotter
-        renames its prepared directory there); if it raises, nothing is recorded.
+        renames its prepared directory there); if it raises, nothing is recorded. `chain_out`,
+        when given, receives the committed ancestors (as `chain` would return them) read in the
+        same transaction, which spares Prepare a second one.
         """
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise InvalidArgument(
@@ -199,9 +238,15 @@ class MetaStore:
                 (key, int(kind), parent_id, _dump_labels(labels), now, now),
             )
             sid = cur.lastrowid
-            snap = Snapshot(id=str(sid), kind=kind, parent_ids=self._parent_ids(cur, parent_id))
+            links: list[ChainLink] = []
+            if parent_id is not None:
+                rows = cur.execute(_CHAIN_SQL, (parent_id,)).fetchall()
+                links = [ChainLink(str(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
+            snap = Snapshot(id=str(sid), kind=kind, parent_ids=tuple(link.id for link in links))
             if before_commit is not None:
                 before_commit(snap)
+            if chain_out is not None:
+                chain_out[:] = links
             return snap
 
     def get(self, key: str) -> Record:
@@ -345,5 +390,9 @@ class MetaStore:
             return {str(r[0]) for r in cur.execute("SELECT id FROM snapshots")}
 
     def exists_id(self, sid: str) -> bool:
-        with self._tx() as cur:
-            return cur.execute("SELECT 1 FROM snapshots WHERE id = ?", (int(sid),)).fetchone() is not None
+        """Whether a record has id `sid`, asked under the writer lock: Cleanup relies on this
+        to wait for a Prepare whose directory is already renamed in but whose transaction has
+        not committed yet (a reader connection would not see that record and delete the dir)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM snapshots WHERE id = ?", (int(sid),)).fetchone()
+            return row is not None

@@ -255,7 +255,9 @@ class Snapshotter:
             raise SnapshotterError(f"snapshot {key}: no mount producer answered")
         return list(mounts)
 
-    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: dict[str, str], links: list[ChainLink]
+    ) -> Snapshot:
         """Make the directory and the record atomically (see the module docstring)."""
         with self._inflight_lock:
             tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
@@ -277,7 +279,7 @@ class Snapshotter:
                     remove_tree(target)
                 os.rename(tmp, target)
 
-            return self.ms.create(kind, key, parent, labels, before_commit=place)
+            return self.ms.create(kind, key, parent, labels, before_commit=place, chain_out=links)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -286,11 +288,12 @@ class Snapshotter:
                 self._inflight.discard(tmp.name)
 
     def _prepare_or_view(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        snap = self._create(kind, key, parent, labels)
+        links: list[ChainLink] = []
+        snap = self._create(kind, key, parent, labels, links)
         try:
             if kind == Kind.ACTIVE and L.is_unpack_layer(labels):
                 self._maybe_claim(key, parent, labels, snap)
-            return self._mounts_for(key, snap, labels, create=True)
+            return self._mounts_for(key, snap, labels, create=True, links=links)
         except AlreadyExists:
             raise
         except BaseException:
