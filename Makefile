@@ -33,7 +33,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/mypy bench scripts tests/integration
-	$(BIN)/mypy tests/e2e tests/system   # separate run: each test dir has its own conftest module
+	$(BIN)/mypy tests/e2e tests/system tests/bench   # separate run: each test dir has its own conftest module
 
 typecheck: venv
 	$(BIN)/mypy
