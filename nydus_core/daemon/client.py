@@ -129,6 +129,23 @@ class NydusdClient:
     def inflight_metrics(self) -> Any:
         return self._json("GET", "/api/v1/metrics/inflight")
 
+    # failover / hot upgrade (the daemon must run with --supervisor)
+    def send_fd(self) -> None:
+        """Have the daemon push its state and FUSE fd to its supervisor."""
+        self._request("PUT", "/api/v1/daemon/fuse/sendfd")
+
+    def takeover(self) -> None:
+        """Have a daemon waiting in INIT fetch state and FUSE fd from its supervisor."""
+        self._request("PUT", "/api/v1/daemon/fuse/takeover")
+
+    def start(self) -> None:
+        """Have a daemon that took over a session serve it."""
+        self._request("PUT", "/api/v1/daemon/start")
+
+    def exit(self) -> None:
+        """Have the daemon exit without unmounting (the old side of a hot upgrade)."""
+        self._request("PUT", "/api/v1/daemon/exit")
+
     def wait_state(self, state: str = STATE_RUNNING, timeout: float = 10.0, interval: float = 0.05) -> bool:
         """Poll ``GET /api/v1/daemon`` until it reports `state`; False when `timeout` passes first.
 

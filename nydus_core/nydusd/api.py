@@ -22,6 +22,13 @@ from nydus_core.nydusd.runtime import ApiError, DaemonRuntime
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+# Failover / upgrade endpoints (upstream names) -> the runtime's session action.
+_ACTIONS = {
+    "/api/v1/daemon/fuse/sendfd": "sendfd",
+    "/api/v1/daemon/fuse/takeover": "takeover",
+    "/api/v1/daemon/start": "start",
+    "/api/v1/daemon/exit": "exit",
+}
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -71,6 +78,9 @@ class _Handler(BaseHTTPRequestHandler):
                         "/api/v1/metrics/blobcache": "blobcache"}[path]  # fmt: skip
                 sid = self._mount_id("id")
                 self._reply(200, rt.metrics(kind, None if sid in (None, "") else sid))
+            elif method == "PUT" and path in _ACTIONS:
+                rt.action(_ACTIONS[path])
+                self._reply(204)
             elif method == "GET" and path == "/api/v1/metrics/inflight":
                 self._reply(204)
             elif path == "/api/v1/mount" and method in ("POST", "DELETE"):

@@ -80,6 +80,11 @@ class DaemonRuntime:
         self.by_slot: dict[int, RafsInstance] = {}
         self._next_slot = 0
         self.listeners: list[Listener] = []
+        # mount id -> (bootstrap, config JSON): what a takeover daemon needs to serve it again
+        self.specs: dict[str, tuple[str, str]] = {}
+        # Session actions of the FUSE backend (``sendfd``, ``takeover``, ``start``, ``exit``);
+        # absent when the daemon runs without ``--supervisor``.
+        self.actions: dict[str, Callable[[], None]] = {}
 
     def _open(self, bootstrap: str, config_text: str) -> RafsInstance:
         try:
@@ -97,8 +102,11 @@ class DaemonRuntime:
             raise ApiError(500, "EIO", f"bootstrap {bootstrap}: {e}") from e
         return inst
 
-    def add(self, mount_id: str, bootstrap: str, config_text: str) -> RafsInstance:
-        """Open and register an image (`mount_id` "" for a dedicated daemon's own image)."""
+    def add(self, mount_id: str, bootstrap: str, config_text: str, slot: int | None = None) -> RafsInstance:
+        """Open and register an image (`mount_id` "" for a dedicated daemon's own image).
+
+        `slot` is given only by a takeover, which must reuse the dead daemon's inode numbers.
+        """
         if self.shared and not mount_id:
             raise ApiError(400, "EINVAL", "a shared daemon mounts images at /<id>, not at /")
         if "/" in mount_id or mount_id in (".", ".."):
@@ -111,10 +119,14 @@ class DaemonRuntime:
             if mount_id in self.instances:
                 inst.close()
                 raise ApiError(409, "EEXIST", f"/{mount_id} is already mounted")
+            if slot is None or slot in self.by_slot:
+                self._next_slot += 1
+                slot = self._next_slot
+            self._next_slot = max(self._next_slot, slot)
             self.instances[mount_id] = inst
-            self._next_slot += 1
-            self.slots[mount_id] = self._next_slot
-            self.by_slot[self._next_slot] = inst
+            self.slots[mount_id] = slot
+            self.by_slot[slot] = inst
+            self.specs[mount_id] = (bootstrap, config_text)
         inst.start_prefetch()
         for cb in self.listeners:
             cb(mount_id, inst)
@@ -125,6 +137,7 @@ class DaemonRuntime:
         with self._lock:
             inst = self.instances.pop(mount_id, None)
             slot = self.slots.pop(mount_id, None)
+            self.specs.pop(mount_id, None)
             if slot is not None:
                 self.by_slot.pop(slot, None)
         if inst is None:
@@ -133,6 +146,19 @@ class DaemonRuntime:
             cb(mount_id, None)
         inst.close()
         log.info("umounted /%s", mount_id)
+
+    def mounts_state(self) -> list[dict[str, Any]]:
+        """The served images as a takeover daemon needs them (id, bootstrap, config, slot)."""
+        with self._lock:
+            return [{"id": mid, "source": src, "config": cfg, "slot": self.slots[mid]}
+                    for mid, (src, cfg) in sorted(self.specs.items())]  # fmt: skip
+
+    def action(self, name: str) -> None:
+        """Run a session action (the ``/api/v1/daemon/...`` PUT endpoints)."""
+        fn = self.actions.get(name)
+        if fn is None:
+            raise ApiError(400, "EINVAL", f"{name} needs a daemon started with --supervisor")
+        fn()
 
     def get(self, mount_id: str) -> RafsInstance | None:
         return self.instances.get(mount_id)

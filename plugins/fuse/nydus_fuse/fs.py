@@ -88,6 +88,12 @@ class NydusFS(pyfuse3.Operations):
         self._buf = bytearray(READ_BUFFER)  # reply buffer of inline (cached) reads
         self.mounted_at = time.time_ns()
         runtime.listeners.append(self._changed)
+        # Set by a supervised daemon: called by libfuse while it handles INIT (see session.py).
+        self.init_hook: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        if self.init_hook is not None:
+            self.init_hook()
 
     def _count_error(self, op: str, ino: int | None) -> None:
         """Charge an EIO to the image's ``fop_errors`` (``/api/v1/metrics``) when we know which."""

@@ -47,8 +47,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.config is None) != (args.bootstrap is None):
         p.error("--config and --bootstrap go together (dedicated mode); give neither for shared mode")
-    if args.upgrade:
-        p.error("--upgrade (hot upgrade / takeover) is not supported by nydusd-py")
+    if args.upgrade and not args.supervisor:
+        p.error("--upgrade (take over a running daemon's session) needs --supervisor")
+    if args.supervisor and not args.id:
+        p.error("--supervisor needs --id")
     return args
 
 
@@ -106,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--prefetch-files %s: %s", args.prefetch_files, e)
         return 1
     runtime = DaemonRuntime(args.id, shared=args.bootstrap is None, prefetch_files=prefetch)
+    control = None
+    if args.supervisor:  # before the API answers: a caller that sees INIT may ask for a takeover
+        from nydus_fuse.supervised import Control
+
+        control = Control(args, runtime)
     try:
         api = ApiServer(args.apisock, runtime)
     except OSError as e:
@@ -113,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     api.start()
     try:
+        if control is not None:
+            from nydus_fuse.supervised import serve_supervised
+
+            return serve_supervised(args, runtime, control)
         return _serve(args, runtime)
     finally:
         api.stop()

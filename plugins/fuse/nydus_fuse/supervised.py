@@ -1,0 +1,221 @@
+"""``nydusd-py --supervisor P --id X``: a daemon whose FUSE session survives it (failover, upgrade).
+
+First start (the mountpoint is not a live FUSE mount): mount by hand, keep the INIT, serve, and on
+``PUT /api/v1/daemon/fuse/sendfd`` push the state (mounts, paths, INIT bytes) plus the ``/dev/fuse``
+fd to the supervisor at P; after that every mount change is pushed again by itself, so the
+supervisor never holds a stale image list.
+
+Takeover (a live FUSE mount at the mountpoint -- its daemon died, the supervisor kept it alive --
+or ``--upgrade``): stay in INIT without touching the mountpoint (an unserved FUSE mount blocks every
+access); ``PUT /api/v1/daemon/fuse/takeover`` fetches state and fd (state READY, images re-opened
+with their old slots, so inode numbers are the same); ``PUT /api/v1/daemon/start`` serves the
+session, replaying the INIT and sending ``FUSE_NOTIFY_RESEND`` so requests in flight at the death
+are re-issued. ``failover_policy`` ``resend`` and ``flush`` both resend: the image is read-only,
+so every request is idempotent, and not resending leaves the callers of in-flight requests
+blocked for ever (unkillable once signalled) -- there is no kernel operation that fails them.
+
+``PUT /api/v1/daemon/exit`` ends the daemon without unmounting (the old side of a hot upgrade).
+SIGTERM unmounts, as an unsupervised daemon does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from nydus_core.daemon.supervisor import SupervisorError, fetch_state, send_state
+from nydus_core.nydusd.runtime import STATE_READY, STATE_RUNNING, ApiError, DaemonRuntime
+from nydus_fuse.session import ReplaySession, fuse_mounted, init_info, mount_fuse, unmount
+
+log = logging.getLogger("nydusd-py")
+
+
+LOAD_WAIT = 30.0
+
+
+class Control:
+    """The session actions behind the API endpoints, and what they share with the main thread.
+
+    Created (and its actions registered) before the API socket exists, so a caller that sees
+    INIT can always ask for a takeover; the takeover waits until the image is loaded.
+    """
+
+    def __init__(self, args: argparse.Namespace, runtime: DaemonRuntime) -> None:
+        self.args = args
+        self.runtime = runtime
+        self.mountpoint = os.path.abspath(args.mountpoint)
+        self.loaded = threading.Event()  # the command line's image is open, the mode decided
+        self.takeover_mode = False
+        self.lock = threading.Lock()
+        self.fuse_fd = -1
+        self.init = b""
+        self.taken = threading.Event()
+        self.started = threading.Event()
+        self.leave_mounted = False
+        self.push_on_change = False
+        self.trio_token: Any = None
+        runtime.actions.update(takeover=self.takeover, start=self.start, sendfd=self.sendfd, exit=self.exit)
+
+    # -- takeover side ----------------------------------------------------------------------
+    def takeover(self) -> None:
+        if not self.loaded.wait(LOAD_WAIT):
+            raise ApiError(503, "EBUSY", "still loading the image")
+        if not self.takeover_mode:
+            raise ApiError(400, "EINVAL", "this daemon mounted a new session; there is nothing to take over")
+        with self.lock:
+            if self.taken.is_set():
+                raise ApiError(409, "EEXIST", "the session was already taken over")
+            try:
+                state, fd = fetch_state(self.args.supervisor)
+            except SupervisorError as e:
+                raise ApiError(503, "EIO", str(e)) from e
+            try:
+                if os.path.abspath(str(state.get("mountpoint", ""))) != self.mountpoint:
+                    raise ApiError(400, "EINVAL", f"supervisor state is for {state.get('mountpoint')!r}, "
+                                                  f"not {self.mountpoint}")  # fmt: skip
+                for m in state.get("mounts", []):
+                    if m["id"] and m["id"] not in self.runtime.instances:
+                        self.runtime.add(m["id"], m["source"], m["config"], slot=int(m["slot"]))
+                self.init = bytes.fromhex(state["fuse_init"])
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fuse_fd = fd
+            self.runtime.state = STATE_READY
+            self.taken.set()
+            log.info(
+                "took over the FUSE session of %s (%d image(s), INIT %s)",
+                self.mountpoint,
+                len(state.get("mounts", [])),
+                init_info(self.init),
+            )
+
+    def start(self) -> None:
+        if not self.taken.is_set():
+            raise ApiError(400, "EINVAL", "start needs a takeover first")
+        self.started.set()
+
+    # -- running side -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "id": self.args.id,
+            "mountpoint": self.mountpoint,
+            "bootstrap": self.args.bootstrap,
+            "config": self.args.config,
+            "mounts": self.runtime.mounts_state(),
+            "fuse_init": self.init.hex(),
+            "version": self.runtime.version.get("package_ver", ""),
+        }
+
+    def sendfd(self) -> None:
+        with self.lock:
+            if self.fuse_fd < 0:
+                raise ApiError(400, "EINVAL", "no FUSE session yet")
+            try:
+                send_state(self.args.supervisor, self.state(), self.fuse_fd)
+            except SupervisorError as e:
+                raise ApiError(503, "EIO", str(e)) from e
+            self.push_on_change = True
+        log.info("state and FUSE fd sent to supervisor %s", self.args.supervisor)
+
+    def on_change(self, _mount_id: str, _inst: object) -> None:
+        if self.push_on_change:
+            try:
+                self.sendfd()
+            except ApiError as e:
+                log.error("cannot push state to the supervisor after a mount change: %s", e.message)
+
+    def exit(self) -> None:
+        """Stop serving but leave the mount (and the session, which the supervisor holds)."""
+        import pyfuse3
+        import trio
+
+        self.leave_mounted = True
+        token = self.trio_token
+        if token is None:
+            raise ApiError(400, "EINVAL", "not serving")
+
+        def later() -> None:  # after the 204 went out
+            trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+
+        threading.Timer(0.05, later).start()
+
+
+def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Control) -> int:
+    mountpoint = ctl.mountpoint
+    if args.bootstrap is not None:
+        try:
+            with open(args.config) as f:
+                runtime.add("", args.bootstrap, f.read())
+        except (OSError, ApiError) as e:
+            log.error("cannot open image %s: %s", args.bootstrap, e)
+            return 1
+    import pyfuse3
+    import trio
+
+    from nydus_fuse.fs import NydusFS
+    from nydus_fuse.main import MAX_READ, _set_readahead
+
+    takeover = ctl.takeover_mode = bool(args.upgrade) or fuse_mounted(mountpoint)
+    ctl.loaded.set()
+    if takeover:
+        log.info("live FUSE mount at %s: INIT, waiting for takeover and start", mountpoint)
+        ctl.started.wait()
+    else:
+        try:
+            os.makedirs(mountpoint, exist_ok=True)
+            ctl.fuse_fd, ctl.init = mount_fuse(mountpoint)
+        except OSError as e:
+            log.error("cannot mount FUSE at %s: %s", mountpoint, e)
+            return 1
+    runtime.listeners.append(ctl.on_change)
+    fs = NydusFS(runtime, threads=args.thread_num)
+    session = ReplaySession(ctl.fuse_fd, ctl.init, resend=takeover)
+    fs.init_hook = session.on_init
+    try:
+        pyfuse3.init(fs, session.device_path, set())
+    except RuntimeError as e:
+        log.error("cannot start the FUSE session at %s: %s", mountpoint, e)
+        return 1
+
+    def after_init() -> None:
+        os.stat(mountpoint)
+        _set_readahead(mountpoint, MAX_READ // 1024)
+
+    async def serve() -> None:
+        ctl.trio_token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for sig in signals:
+                        log.info("signal %d: unmounting %s", sig, mountpoint)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            if not takeover:  # a takeover inherits the bdi setting with the mount
+                nursery.start_soon(trio.to_thread.run_sync, after_init)
+            runtime.state = STATE_RUNNING
+            log.info("RUNNING at %s (%s)", mountpoint, "takeover" if takeover else "new session")
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(serve)
+    finally:
+        ctl.trio_token = None
+        pyfuse3.close(unmount=False)
+        session.close()
+        if ctl.leave_mounted:
+            log.info("exit: leaving %s mounted for the next daemon", mountpoint)
+        else:
+            try:
+                unmount(mountpoint)
+            except OSError as e:
+                log.error("cannot unmount %s: %s", mountpoint, e)
+    return 0
