@@ -169,6 +169,10 @@ class Snapshotter:
         self._inflight: set[str] = set()
         self._inflight_lock = threading.Lock()
         self._uppers: dict[str, Path] = {}
+        # Mounts of Active/View snapshots not served by an image, per key (see `_cache_mounts`).
+        self._mount_cache: dict[str, tuple[Mount, ...]] = {}
+        self._mount_gen = 0
+        self._mount_lock = threading.Lock()
         self._recover_removals()
 
     # ------------------------------------------------------------------ helpers
@@ -204,6 +208,29 @@ class Snapshotter:
             labels=labels,
         )
 
+    def _cache_mounts(self, key: str, gen: int, mounts: list[Mount]) -> None:
+        """Remember the mounts of `key` unless the store changed since `gen` was read.
+
+        The mounts of a snapshot without an image are a pure function of its id, kind, parent
+        chain, labels and the config; all but labels are fixed for a key until Commit or Remove,
+        labels change only through Update. Those three bump the generation *after* their
+        transaction, so a Mounts that read the store before them cannot store a stale answer.
+        """
+        with self._mount_lock:
+            if gen == self._mount_gen:
+                if len(self._mount_cache) > 65536:
+                    self._mount_cache.clear()
+                self._mount_cache[key] = tuple(mounts)
+
+    def _invalidate_mounts(self, key: str | None = None) -> None:
+        """Forget the cached mounts of `key` (of every key when None): its record changed."""
+        with self._mount_lock:
+            self._mount_gen += 1
+            if key is None:
+                self._mount_cache.clear()
+            else:
+                self._mount_cache.pop(key, None)
+
     def _mounts_for(
         self,
         key: str,
@@ -211,9 +238,15 @@ class Snapshotter:
         labels: dict[str, str],
         create: bool,
         links: list[ChainLink] | None = None,
+        gen: int | None = None,
     ) -> list[Mount]:
-        """Resolve a lazily served image under the chain (if any), then ask the mount producers."""
+        """Resolve a lazily served image under the chain (if any), then ask the mount producers.
+
+        With `gen` (the cache generation read before the store was), mounts that involve no
+        image are cached; an image's mounts are always re-resolved (its instance may change).
+        """
         request = self._request(key, snap, labels)
+        source: ImageSource | None = None
         # A layer being unpacked (and not claimed) gets native mounts: containerd writes the
         # layer's content into it, as with the overlayfs snapshotter.
         if snap.parent_ids and not L.is_unpack_layer(labels):
@@ -222,7 +255,7 @@ class Snapshotter:
             chain = [
                 ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self._upper(c.id)) for c in links
             ]
-            source: ImageSource | None = self.pm.hook.nydus_find_image(
+            source = self.pm.hook.nydus_find_image(
                 key=key, chain=chain, config=self.config
             )
             if source is not None:
@@ -253,7 +286,10 @@ class Snapshotter:
         mounts: list[Mount] | None = self.pm.hook.nydus_mounts(request=request, config=self.config)
         if mounts is None:
             raise SnapshotterError(f"snapshot {key}: no mount producer answered")
-        return list(mounts)
+        result = list(mounts)
+        if gen is not None and source is None:
+            self._cache_mounts(key, gen, result)
+        return result
 
     def _create(
         self, kind: Kind, key: str, parent: str, labels: dict[str, str], links: list[ChainLink]
@@ -289,11 +325,12 @@ class Snapshotter:
 
     def _prepare_or_view(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         links: list[ChainLink] = []
+        gen = self._mount_gen
         snap = self._create(kind, key, parent, labels, links)
         try:
             if kind == Kind.ACTIVE and L.is_unpack_layer(labels):
                 self._maybe_claim(key, parent, labels, snap)
-            return self._mounts_for(key, snap, labels, create=True, links=links)
+            return self._mounts_for(key, snap, labels, create=True, links=links, gen=gen)
         except AlreadyExists:
             raise
         except BaseException:
@@ -321,7 +358,10 @@ class Snapshotter:
     def _commit(self, name: str, key: str, labels: dict[str, str], remote: bool) -> Info:
         rec = self.ms.get(key)
         usage = disk_usage(self._upper(rec.id)) if rec.info.kind == Kind.ACTIVE else Usage()
-        committed = self.ms.commit(key, name, usage, labels)
+        try:
+            committed = self.ms.commit(key, name, usage, labels)
+        finally:
+            self._invalidate_mounts(key)
         self._event("nydus_snapshot_committed", info=committed.info, remote=remote)
         return committed.info
 
@@ -345,8 +385,12 @@ class Snapshotter:
 
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an Active or View snapshot, re-resolving a lazily served image."""
+        cached = self._mount_cache.get(key)
+        if cached is not None:
+            return list(cached)
+        gen = self._mount_gen
         snap, labels, links = self.ms.resolve(key)
-        return self._mounts_for(key, snap, labels, create=False, links=links)
+        return self._mounts_for(key, snap, labels, create=False, links=links, gen=gen)
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
         """Commit the Active `key` as `name` (same id, labels replaced, usage stored)."""
@@ -379,6 +423,8 @@ class Snapshotter:
             for dst in moved:  # the record stays: so must its directory
                 os.rename(dst, self.paths.snapshot_dir(dst.name[3:]))
             raise
+        finally:
+            self._invalidate_mounts(key)
         if self.config.snapshot.sync_remove:
             if self.images is not None and served:
                 self.images.release_unused(self.ms.ids())
@@ -391,7 +437,12 @@ class Snapshotter:
         return self.ms.get(key).info
 
     def update(self, info: Info, paths: list[str] | tuple[str, ...] = ()) -> Info:
-        return self.ms.update(info, list(paths))
+        try:
+            return self.ms.update(info, list(paths))
+        finally:
+            # Labels feed the mounts of the snapshot and (through the image lookup) of every
+            # descendant: drop them all; Update is rare.
+            self._invalidate_mounts()
 
     def list(self, filter_strings: list[str] | tuple[str, ...] = ()) -> list[Info]:
         """Every snapshot matching containerd filter strings (OR of strings, AND within one)."""

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from conftest import Served
-from snap_helpers import commit, mounts, prepare, shape, view
+from snap_helpers import commit, mounts, prepare, remove, shape, update, view
 
 from nydus_core.config import SnapshotterConfig
 from nydus_core.snapshot.mounts import OVERLAY_INDEX_PARAM, overlay_index_off, relative_overlay_options
@@ -201,3 +202,38 @@ def test_128_layer_chain_mounts_with_relative_lowerdirs(served: Served, mountpoi
     assert names == [f"file{i:03d}" for i in range(1, 129)]
     assert (mountpoint / "file001").read_text() == "1"
     assert (mountpoint / "file128").read_text() == "128"
+
+
+def test_mounts_cache_follows_update_remove_and_commit(served: Served) -> None:
+    """Mounts answers from memory after the first call; every change of what the mounts depend
+    on (own labels, the key's record, a parent's labels) must be visible in the next answer."""
+    stub, s = served.stub, served.root / "snapshots"
+    _chain(served, 1)  # l1 = id 1
+    vol = "containerd.io/snapshot/overlay.volatile"
+    prepare(stub, "k", "l1")  # id 2
+    plain = [*INDEX, f"workdir={s}/2/work", f"upperdir={s}/2/fs", f"lowerdir={s}/1/fs"]
+    assert shape(mounts(stub, "k"))[0][2] == plain
+    assert shape(mounts(stub, "k"))[0][2] == plain  # served from the cache
+    update(stub, "k", {vol: "true"}, ["labels." + vol])
+    assert "volatile" in shape(mounts(stub, "k"))[0][2]
+    update(stub, "k", {}, ["labels." + vol])
+    assert shape(mounts(stub, "k"))[0][2] == plain
+
+    # Same key again after Remove: new id, new parent
+    remove(stub, "k")
+    prepare(stub, "k", "")  # id 3
+    assert shape(mounts(stub, "k")) == [("bind", f"{s}/3/fs", ["rw", "rbind"])]
+
+    # After Commit the key is no longer active: Mounts must fail, not answer from memory
+    commit(stub, "c", "k")
+    with pytest.raises(grpc.RpcError) as err:
+        mounts(stub, "k")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A parent's label decides whether an image serves the chain: the cache must not hide it
+    view(stub, "w", "l1")
+    assert shape(mounts(stub, "w")) == [("bind", f"{s}/1/fs", ["ro", "rbind"])]
+    update(stub, "l1", {"containerd.io/snapshot/nydus-bootstrap": "true"}, ["labels"])
+    with pytest.raises(grpc.RpcError) as err:
+        mounts(stub, "w")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
