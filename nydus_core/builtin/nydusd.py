@@ -6,6 +6,11 @@ containers read through it), and driven through upstream's HTTP API on its unix 
 
 Dedicated daemons get the image on the command line (``--config --bootstrap``); the shared
 daemon starts empty and receives images by ``POST /api/v1/mount``.
+
+Under ``recover_policy = "failover"`` the daemon also gets ``--supervisor --id``; once it is
+RUNNING it is told ``sendfd`` (its FUSE session goes to the snapshotter's supervisor), and when
+it dies a new one is spawned on the still-mounted mountpoint and driven ``takeover`` → ``start``
+instead of clearing the mount; if that fails the daemon is restarted as under ``restart``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import time
 from collections.abc import Sequence
 
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.client import STATE_RUNNING, NydusdApiError, NydusdClient, NydusdUnreachable
+from nydus_core.daemon.client import (
+    STATE_INIT,
+    STATE_RUNNING,
+    NydusdApiError,
+    NydusdClient,
+    NydusdUnreachable,
+)
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.daemon.mounts import umount_tree
 from nydus_core.errors import FailedPrecondition, Unavailable
@@ -60,6 +71,8 @@ def command_line(daemon: DaemonRecord, instance: Instance | None, config: Snapsh
         argv += ["--log-rotation-size", str(config.daemon.log_rotation_size)]
     if not config.log.log_to_stdout:
         argv += ["--log-file", str(daemon.log_dir / "nydusd.log")]
+    if daemon.supervisor_path is not None:
+        argv += ["--supervisor", str(daemon.supervisor_path), "--id", daemon.id]
     if daemon.failover_policy:
         argv += ["--failover-policy", daemon.failover_policy]
     return argv
@@ -145,14 +158,17 @@ def clear_vestige(daemon: DaemonRecord) -> None:
     daemon.api_socket.unlink(missing_ok=True)
 
 
-def wait_ready(daemon: DaemonRecord, timeout: float) -> bool:
+def wait_ready(daemon: DaemonRecord, timeout: float, state: str = STATE_RUNNING) -> bool:
+    """Wait for `state`; a supervised daemon that reached RUNNING is told to ``sendfd``."""
     deadline = time.monotonic() + timeout
     with NydusdClient(daemon.api_socket, timeout=max(1.0, min(timeout, 5.0))) as client:
         while True:
             try:
                 info = client.daemon_info()
-                if info.state == STATE_RUNNING:
+                if info.state == state:
                     daemon.version = str(info.version.get("package_ver", "")) or daemon.version
+                    if state == STATE_RUNNING and daemon.supervisor_path is not None:
+                        _send_fd(client, daemon)
                     return True
             except NydusdUnreachable:
                 pass
@@ -164,7 +180,45 @@ def wait_ready(daemon: DaemonRecord, timeout: float) -> bool:
                 )
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.01)
+
+
+def _send_fd(client: NydusdClient, daemon: DaemonRecord) -> None:
+    try:
+        client.send_fd()
+    except (NydusdApiError, NydusdUnreachable) as e:
+        log.error("daemon %s did not hand its FUSE session to the supervisor (no failover for it): %s",
+                  daemon.id, e)
+
+
+def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig) -> bool:
+    """Spawn a replacement on the live mount and have it take the session over from the supervisor.
+
+    No `clear_vestige`: the mount (held by the supervisor's fd) must stay. False when the
+    takeover did not happen (the caller then restarts the daemon).
+    """
+    if daemon.supervisor_path is None or not daemon.supervisor_path.exists():
+        return False
+    t0 = time.monotonic()
+    terminate(daemon)  # a hung process that no longer answers
+    daemon.api_socket.unlink(missing_ok=True)
+    dedicated = daemon.mode is DaemonMode.DEDICATED
+    daemon.pid = spawn(daemon, instances[0] if dedicated else None, config)
+    try:
+        if not wait_ready(daemon, RECOVER_READY_TIMEOUT, STATE_INIT):
+            raise Unavailable(f"daemon {daemon.id} did not reach INIT")
+        with NydusdClient(daemon.api_socket, timeout=RECOVER_READY_TIMEOUT) as client:
+            client.takeover()
+            client.start()
+        if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
+            raise Unavailable(f"daemon {daemon.id} did not reach RUNNING after takeover")
+    except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
+        log.error("failover of daemon %s failed: %s", daemon.id, e)
+        terminate(daemon)
+        return False
+    took = (time.monotonic() - t0) * 1000
+    log.info("daemon %s failed over to pid %d in %.0f ms", daemon.id, daemon.pid, took)
+    return True
 
 
 def attach(daemon: DaemonRecord, instance: Instance) -> None:
@@ -251,6 +305,8 @@ def nydus_daemon_recover(
     if daemon.mode is DaemonMode.DEDICATED and not ordered:
         log.warning("dedicated daemon %s has no recorded image; not respawning it", daemon.id)
         return False
+    if config.daemon.recover_policy == "failover" and failover(daemon, ordered, config):
+        return True
     terminate(daemon)  # a hung process that no longer answers
     clear_vestige(daemon)
     daemon.pid = spawn(daemon, ordered[0] if daemon.mode is DaemonMode.DEDICATED else None, config)

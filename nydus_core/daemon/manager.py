@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,12 +39,18 @@ from nydus_core.daemon.ids import new_daemon_id
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.daemon.nydusd_config import build_config, load_template, write_private_json
 from nydus_core.daemon.store import DaemonStore
+from nydus_core.daemon.supervisor import Supervisors
 from nydus_core.errors import FailedPrecondition, Unavailable
 from nydus_core.snapshot.model import ImageSource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 10.0
+# Crash-loop breaker of `failover`: more deaths than this within the window and the manager stops
+# taking the session over (it forgets the daemon as under `none`). The per-request breaker is in
+# the daemon (a request in flight at too many deaths is answered EIO); this one bounds the rest.
+FAILOVER_MAX_DEATHS = 10
+FAILOVER_WINDOW = 60.0
 
 _LOG_LEVELS = {"warning": "warn", "fatal": "error", "panic": "error"}
 
@@ -93,10 +101,18 @@ class DaemonManager:
         self._daemons: dict[str, DaemonRecord] = {}
         self._instances: dict[str, Instance] = {}
         self._shared: DaemonRecord | None = None
+        # `failover`: one supervisor per daemon holds its FUSE session (fd + state) across deaths
+        self.supervisors = Supervisors(self.root) if config.daemon.recover_policy == "failover" else None
 
     def close(self) -> None:
-        """Stop the liveness monitor and close the database. Daemons keep running on purpose."""
+        """Stop the liveness monitor and close the database. Daemons keep running on purpose.
+
+        The supervisors close too: a daemon that dies while no snapshotter runs takes its
+        mount with it (ENOTCONN), as upstream's in-process supervisor does.
+        """
         self.stop_liveness_monitor()
+        if self.supervisors is not None:
+            self.supervisors.close()
         self.store.close()
 
     # ------------------------------------------------------------------------------------
@@ -200,6 +216,7 @@ class DaemonManager:
             if alive:
                 log.info("daemon %s (pid %d) is alive, re-adopted with %d image(s)", daemon.id, daemon.pid,
                          len(served))
+                self._resupervise(daemon)
                 self._adopt(daemon, served)
             else:
                 self._handle_dead(daemon, served, reason="found dead at start-up")
@@ -215,6 +232,10 @@ class DaemonManager:
     def start_liveness_monitor(self, interval: float = 5.0) -> None:
         """Run `check_liveness` every `interval` seconds in a background thread until `close`.
 
+        Deaths are noticed sooner: the thread also waits on a pidfd of every daemon process, so a
+        killed daemon is checked at once (what upstream gets from EPOLLHUP on the API socket);
+        the interval still catches hung daemons and the daemon set is re-read every 0.2 s.
+
         Opt-in: whoever owns the process lifecycle starts it, so that a test or tool that only
         inspects records never respawns daemons behind its back.
         """
@@ -223,7 +244,14 @@ class DaemonManager:
         self._monitor_stop.clear()
 
         def run() -> None:
-            while not self._monitor_stop.wait(interval):
+            next_sweep = time.monotonic() + interval
+            while not self._monitor_stop.is_set():
+                died = self._wait_for_death(min(0.2, max(0.0, next_sweep - time.monotonic())))
+                if self._monitor_stop.is_set():
+                    return
+                if not died and time.monotonic() < next_sweep:
+                    continue
+                next_sweep = time.monotonic() + interval
                 try:
                     self.check_liveness()
                 except Exception:
@@ -231,6 +259,23 @@ class DaemonManager:
 
         self._monitor = threading.Thread(target=run, name="nydus-daemon-liveness", daemon=True)
         self._monitor.start()
+
+    def _wait_for_death(self, timeout: float) -> bool:
+        """Wait up to `timeout` for any daemon process to exit; True if one did."""
+        fds: list[int] = []
+        try:
+            for d in self.daemons():
+                if d.pid > 0:
+                    with contextlib.suppress(OSError):
+                        fds.append(os.pidfd_open(d.pid))
+            if not fds:
+                self._monitor_stop.wait(timeout)
+                return False
+            ready, _, _ = select.select(fds, [], [], timeout)
+            return bool(ready)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def stop_liveness_monitor(self) -> None:
         if self._monitor is None:
@@ -281,9 +326,15 @@ class DaemonManager:
         self._event(daemon, "died", {"pid": daemon.pid, "reason": reason})
         policy = self.config.daemon.recover_policy
         if policy == "failover":
-            log.warning("recover_policy failover is not supported yet; restarting daemon %s", daemon.id)
-            policy = "restart"
-        if policy == "restart":
+            sup = self.supervisors.get(daemon.id) if self.supervisors is not None else None
+            if sup is None or not sup.has_state:
+                log.warning("daemon %s has no supervised session to take over; restarting it", daemon.id)
+                policy = "restart"
+            elif (n := sup.note_death(FAILOVER_WINDOW)) > FAILOVER_MAX_DEATHS:
+                log.error("daemon %s died %d times within %gs: crash loop, giving failover up", daemon.id, n,
+                          FAILOVER_WINDOW)
+                policy = "none"
+        if policy in ("restart", "failover"):
             try:
                 ok = self._hook("nydus_daemon_recover", daemon=daemon, instances=list(served),
                                 config=self.config)
@@ -321,9 +372,23 @@ class DaemonManager:
         with self._lock:
             return self._meta_locks[meta_id]
 
+    def _resupervise(self, daemon: DaemonRecord) -> None:
+        """After a snapshotter restart: a new supervisor, filled again by the live daemon (its
+        ready hook asks for ``sendfd``), as upstream's ``SendStates``."""
+        if self.supervisors is None or daemon.supervisor_path is None:
+            return
+        self.supervisors.ensure(daemon.id)
+        try:
+            self._hook("nydus_daemon_wait_ready", daemon=daemon, timeout=self.ready_timeout)
+        except Exception:
+            log.exception("daemon %s did not hand its session to the new supervisor", daemon.id)
+
     def _new_record(self, mode: DaemonMode, mountpoint: Path) -> DaemonRecord:
         did = new_daemon_id()
         level = self.config.log.level.lower()
+        supervisor = None
+        if self.supervisors is not None:
+            supervisor = self.supervisors.ensure(did).path
         return DaemonRecord(
             id=did,
             fs_driver=self.fs_driver,
@@ -336,6 +401,7 @@ class DaemonManager:
             thread_num=self.config.daemon.threads_number,
             log_level=_LOG_LEVELS.get(level, level),
             failover_policy=self.config.daemon.failover_policy,
+            supervisor_path=supervisor,
         )
 
     def _prepare_cache(self, image: ImageSource) -> None:
@@ -471,6 +537,8 @@ class DaemonManager:
         self._remove_daemon_dirs(daemon, keep_logs=True)
 
     def _remove_daemon_dirs(self, daemon: DaemonRecord, *, keep_logs: bool = False) -> None:
+        if self.supervisors is not None:
+            self.supervisors.remove(daemon.id)  # after the stop hook: the mount is gone already
         shutil.rmtree(daemon.config_dir, ignore_errors=True)
         shutil.rmtree(daemon.api_socket.parent, ignore_errors=True)
         if not keep_logs:
