@@ -263,8 +263,8 @@ def _pull(sb: Sandbox, ref: str) -> None:
 def _create(sb: Sandbox, ref: str, cid: str, argv: list[str]) -> None:
     # Flags in the --name=value form, then "--": ctr's argument reordering otherwise takes a
     # workload's "-c" for its own --config flag.
-    sb.containerd.ctr("container", "create", f"--snapshotter={sb.spec.name}", "--net-host=true", "--", ref, cid,
-                      *argv, timeout=600)
+    sb.containerd.ctr("container", "create", f"--snapshotter={sb.spec.name}", "--net-host=true", "--",
+                      ref, cid, *argv, timeout=600)
 
 
 def _run_until_ready(sb: Sandbox, wl: Workload, cid: str, port: int) -> str:
