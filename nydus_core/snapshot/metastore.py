@@ -17,10 +17,18 @@ transaction, so a lock costs less than sqlite's busy-retry sleeping would; ``bus
 covers another process (a debugging tool) reading the file. Reads (Stat, Mounts, List, ...) use a
 connection per thread instead: in WAL mode a reader sees the last committed state without waiting
 for a writer, so a Mounts call never queues behind another client's fsync.
+
+Group commit: while one write fsyncs, others queue on the lock. A write that finds more writers
+waiting leaves the sqlite transaction open and waits; the last one of the queue COMMITs for all
+(one fsync). Each operation still runs in its own SAVEPOINT, so it is applied entirely or not at
+all, and nobody returns before the COMMIT holding its changes is on disk: a caller never hears
+"done" for something a crash could still lose. If that COMMIT fails, every operation of the
+batch fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -106,6 +114,19 @@ def _dump_labels(labels: dict[str, str] | None) -> str:
     return json.dumps(labels or {}, sort_keys=True, separators=(",", ":"))
 
 
+#: Writes sharing one COMMIT at most (bounds how long the first of them waits).
+MAX_BATCH = 32
+
+
+class _Batch:
+    """Writes applied in the open sqlite transaction, waiting for the COMMIT that makes them durable."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
 class MetaStore:
     """Snapshot records in ``<root>/metadata.db``; each public method is one transaction."""
 
@@ -113,6 +134,10 @@ class MetaStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._batch: _Batch | None = None
+        self._waiting = 0  # writers blocked on `_lock` (guarded by `_count_lock`)
+        self._count_lock = threading.Lock()
+        self._owner: int | None = None  # thread inside a write (nested writes skip batching)
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._closed = False
@@ -135,6 +160,7 @@ class MetaStore:
 
     def close(self) -> None:
         with self._lock:
+            self._commit_batch()
             self._closed = True
             for conn in self._reader_conns:
                 conn.close()
@@ -171,18 +197,61 @@ class MetaStore:
                 cur.execute("COMMIT")
                 cur.close()
             return
-        with self._lock:
+        if self._owner == threading.get_ident():  # nested write: part of the outer one
+            with self._lock:
+                yield self._db.cursor()
+            return
+        with self._count_lock:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self._waiting -= 1
+        failed: BaseException | None = None
+        try:
+            self._owner = threading.get_ident()
+            batch = self._batch
+            if batch is None:
+                self._db.execute("BEGIN IMMEDIATE")
+                batch = self._batch = _Batch()
+            batch.size += 1
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            cur.execute("SAVEPOINT op")
             try:
                 yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
-                cur.execute("COMMIT")
+            except BaseException as exc:
+                cur.execute("ROLLBACK TO op")
+                failed = exc
             finally:
+                cur.execute("RELEASE op")
                 cur.close()
+            with self._count_lock:
+                others = self._waiting
+            lead = not others or batch.size >= MAX_BATCH
+            if lead:
+                self._commit_batch()
+        finally:
+            self._owner = None
+            self._lock.release()
+        if not lead:
+            batch.done.wait()
+        if failed is not None:
+            raise failed
+        if batch.error is not None:
+            raise sqlite3.OperationalError(f"commit failed: {batch.error}") from batch.error
+
+    def _commit_batch(self) -> None:
+        """COMMIT the open batch (under `_lock`) and wake its writers; a failure fails them all."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        try:
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            batch.error = exc
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+        finally:
+            batch.done.set()
 
     # ---------------------------------------------------------------- helpers (inside a tx)
 
