@@ -115,27 +115,34 @@ def disk_usage(root: Path) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path`, deepest first (from /proc/self/mountinfo)."""
-    prefix = str(path).rstrip("/")
-    found = []
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace (from /proc/self/mountinfo, unescaped)."""
+    points = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                mp = line.split(" ", 5)[4].encode().decode("unicode_escape")
-                if mp == prefix or mp.startswith(prefix + "/"):
-                    found.append(mp)
+                mp = line.split(" ", 5)[4]
+                points.append(mp.encode().decode("unicode_escape") if "\\" in mp else mp)
     except OSError:
         return []
+    return points
+
+
+def _mounts_under(path: Path, points: list[str] | None = None) -> list[str]:
+    """Mount points at or below `path`, deepest first (from `points` or /proc/self/mountinfo)."""
+    prefix = str(path).rstrip("/")
+    found = [mp for mp in (mount_points() if points is None else points)
+             if mp == prefix or mp.startswith(prefix + "/")]
     return sorted(found, key=len, reverse=True)
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, points: list[str] | None = None) -> None:
     """Delete a snapshot directory, lazily unmounting anything still mounted inside it first.
 
     rmtree would otherwise walk into a live mount (an image mountpoint) and delete its content.
+    `points` (from `mount_points`) spares re-reading the mount table when deleting many.
     """
-    mounts = _mounts_under(path)
+    mounts = _mounts_under(path, points)
     if mounts:
         libc = ctypes.CDLL(None, use_errno=True)
         for mp in mounts:
@@ -463,6 +470,9 @@ class Snapshotter:
             self.images.release_unused(live)
         # Ids are listed before the directories: a snapshot created in between has its
         # directory renamed in (under the metastore lock) only after it got its id, so re-check.
+        # The mount table is read once, after the image service let go of what it released:
+        # an orphan directory gets no new mounts.
+        points: list[str] | None = None
         for entry in os.scandir(self.snapshots_dir):
             name = entry.name
             if name in live or not entry.is_dir(follow_symlinks=False):
@@ -473,7 +483,9 @@ class Snapshotter:
             if name.isdigit() and self.ms.exists_id(name):
                 continue
             log.info("cleanup: removing orphan snapshots/%s", name)
-            remove_tree(Path(entry.path))
+            if points is None:
+                points = mount_points()
+            remove_tree(Path(entry.path), points)
 
     def close(self) -> None:
         self.ms.close()
