@@ -155,11 +155,16 @@ def measure(
 
 
 @contextmanager
-def own_services(with_snapshotter: bool) -> Iterator[str]:
-    """Start containerd (+ containerd-nydus-grpc) in a temp dir; yield containerd's socket."""
+def own_services(with_snapshotter: bool, log_level: str = "debug") -> Iterator[str]:
+    """Start containerd (+ containerd-nydus-grpc) in a temp dir; yield containerd's socket.
+
+    The snapshotter logs at `log_level` (debug by default, as in the test stack; a deployment
+    runs at info, where the per-RPC debug lines cost nothing).
+    """
     from nydus_core.testing.services import ServiceStack
 
-    with ServiceStack(with_registry=False, with_snapshotter=with_snapshotter) as stack:
+    with ServiceStack(with_registry=False, with_snapshotter=with_snapshotter,
+                      snapshotter_args=["--log-level", log_level]) as stack:
         assert stack.containerd is not None
         yield stack.containerd.address
 
@@ -206,6 +211,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=3, help="committed parent chain length (default 3)")
     ap.add_argument("--snapshotters", default="overlayfs,nydus")
     ap.add_argument("--json", action="store_true", help="JSON lines instead of a markdown table")
+    ap.add_argument("--snapshotter-log-level", default="debug", choices=["debug", "info", "warn", "error"],
+                    help="log level of the snapshotter this script starts (default debug)")
     args = ap.parse_args()
     if args.ops < 1 or args.layers < 1:
         ap.error("--ops and --layers must be at least 1")
@@ -248,7 +255,7 @@ def main() -> int:
                 "snapshot_ops: starting containerd needs root (or pass --containerd-address)", file=sys.stderr
             )
             return 1
-        with own_services("nydus" in snapshotters) as address:
+        with own_services("nydus" in snapshotters, args.snapshotter_log_level) as address:
             rows = run(address)
     if not args.json:
         print(
