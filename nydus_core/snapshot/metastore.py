@@ -14,9 +14,9 @@ crash safety (WAL). The semantics that containerd users depend on are kept exact
 
 Thread safety: writes go through one connection guarded by one lock. Each write is one short
 transaction, so a lock costs less than sqlite's busy-retry sleeping would; ``busy_timeout`` still
-covers another process (a debugging tool) reading the file. Reads (Stat, Mounts, List, ...) use a
-connection per thread instead: in WAL mode a reader sees the last committed state without waiting
-for a writer, so a Mounts call never queues behind another client's fsync.
+covers another process (a debugging tool) reading the file. Reads (Stat, Mounts, List, ...) use
+pooled read-only connections instead: in WAL mode a reader sees the last committed state without
+waiting for a writer, so a Mounts call never queues behind another client's fsync.
 
 Group commit: while one write fsyncs, others queue on the lock. A write that finds more writers
 waiting leaves the sqlite transaction open and waits; the last one of the queue COMMITs for all
@@ -114,6 +114,9 @@ def _dump_labels(labels: dict[str, str] | None) -> str:
     return json.dumps(labels or {}, sort_keys=True, separators=(",", ":"))
 
 
+#: Idle read connections kept open (more concurrent readers open and close their own).
+MAX_IDLE_READERS = 16
+
 #: Writes sharing one COMMIT at most (bounds how long the first of them waits).
 MAX_BATCH = 32
 
@@ -138,8 +141,8 @@ class MetaStore:
         self._waiting = 0  # writers blocked on `_lock` (guarded by `_count_lock`)
         self._count_lock = threading.Lock()
         self._owner: int | None = None  # thread inside a write (nested writes skip batching)
-        self._readers = threading.local()
-        self._reader_conns: list[sqlite3.Connection] = []
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self._closed = False
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -161,41 +164,51 @@ class MetaStore:
     def close(self) -> None:
         with self._lock:
             self._commit_batch()
-            self._closed = True
-            for conn in self._reader_conns:
+            with self._pool_lock:
+                self._closed = True
+                idle, self._idle_readers = self._idle_readers, []
+            for conn in idle:  # connections in use are closed when given back
                 conn.close()
-            self._reader_conns.clear()
             self._db.close()
 
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection (opened on first use, closed by `close`)."""
-        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
-        if conn is None:
-            with self._lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
-                conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA busy_timeout=5000")
-                conn.execute("PRAGMA query_only=ON")
-                self._reader_conns.append(conn)
-            self._readers.conn = conn
+    def _take_reader(self) -> sqlite3.Connection:
+        """An idle read-only connection, or a new one (the pool grows to the read concurrency)."""
+        with self._pool_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            if self._idle_readers:
+                return self._idle_readers.pop()
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA query_only=ON")
         return conn
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if not self._closed and len(self._idle_readers) < MAX_IDLE_READERS:
+                self._idle_readers.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def _tx(self, write: bool = False) -> Iterator[sqlite3.Cursor]:
         """One transaction: committed on success, rolled back on any exception.
 
-        Writes hold the writer lock; reads run on this thread's own connection, as one
-        consistent WAL snapshot, without any Python lock.
+        Writes hold the writer lock; reads run on a pooled connection, as one consistent WAL
+        snapshot, without waiting for writers.
         """
         if not write:
-            cur = self._reader().cursor()
-            cur.execute("BEGIN")
+            conn = self._take_reader()
             try:
-                yield cur
+                cur = conn.cursor()
+                cur.execute("BEGIN")
+                try:
+                    yield cur
+                finally:
+                    cur.execute("COMMIT")
+                    cur.close()
             finally:
-                cur.execute("COMMIT")
-                cur.close()
+                self._give_back(conn)
             return
         if self._owner == threading.get_ident():  # nested write: part of the outer one
             with self._lock:
