@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FS_DRIVER = "fusedev"
 STOP_GRACE = 5.0
 RECOVER_READY_TIMEOUT = 10.0
+FAILOVER_ATTEMPTS = 5
 
 # Children we spawned, so they can be reaped (no zombies) and their exit noticed while waiting.
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -194,31 +195,41 @@ def _send_fd(client: NydusdClient, daemon: DaemonRecord) -> None:
 def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig) -> bool:
     """Spawn a replacement on the live mount and have it take the session over from the supervisor.
 
-    No `clear_vestige`: the mount (held by the supervisor's fd) must stay. False when the
-    takeover did not happen (the caller then restarts the daemon).
+    No `clear_vestige`: the mount (held by the supervisor's fd) must stay. A replacement that
+    dies while it starts (a resent request that kills every daemon) is replaced again, at most
+    `FAILOVER_ATTEMPTS` times: nydusd-py's in-flight journal turns such a request into EIO after
+    three deaths, so the attempts end well before the limit. False when no takeover happened
+    (the caller then restarts the daemon).
     """
     if daemon.supervisor_path is None or not daemon.supervisor_path.exists():
         return False
     t0 = time.monotonic()
     terminate(daemon)  # a hung process that no longer answers
-    daemon.api_socket.unlink(missing_ok=True)
     dedicated = daemon.mode is DaemonMode.DEDICATED
-    daemon.pid = spawn(daemon, instances[0] if dedicated else None, config)
-    try:
-        if not wait_ready(daemon, RECOVER_READY_TIMEOUT, STATE_INIT):
-            raise Unavailable(f"daemon {daemon.id} did not reach INIT")
-        with NydusdClient(daemon.api_socket, timeout=RECOVER_READY_TIMEOUT) as client:
-            client.takeover()
-            client.start()
-        if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
-            raise Unavailable(f"daemon {daemon.id} did not reach RUNNING after takeover")
-    except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
-        log.error("failover of daemon %s failed: %s", daemon.id, e)
-        terminate(daemon)
-        return False
-    took = (time.monotonic() - t0) * 1000
-    log.info("daemon %s failed over to pid %d in %.0f ms", daemon.id, daemon.pid, took)
-    return True
+    for attempt in range(1, FAILOVER_ATTEMPTS + 1):
+        daemon.api_socket.unlink(missing_ok=True)
+        daemon.pid = spawn(daemon, instances[0] if dedicated else None, config)
+        try:
+            if not wait_ready(daemon, RECOVER_READY_TIMEOUT, STATE_INIT):
+                raise Unavailable(f"daemon {daemon.id} did not reach INIT")
+            with NydusdClient(daemon.api_socket, timeout=RECOVER_READY_TIMEOUT) as client:
+                client.takeover()
+                client.start()
+            if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
+                raise Unavailable(f"daemon {daemon.id} did not reach RUNNING after takeover")
+        except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
+            died = _exited(daemon.pid)
+            log.error("failover of daemon %s, attempt %d: %s", daemon.id, attempt, e)
+            terminate(daemon)
+            if died:
+                continue  # it died serving: the journal has counted what was in flight
+            return False
+        took = (time.monotonic() - t0) * 1000
+        log.info("daemon %s failed over to pid %d in %.0f ms (attempt %d)", daemon.id, daemon.pid, took,
+                 attempt)
+        return True
+    log.error("daemon %s: %d replacements died in a row; giving failover up", daemon.id, FAILOVER_ATTEMPTS)
+    return False
 
 
 def attach(daemon: DaemonRecord, instance: Instance) -> None:

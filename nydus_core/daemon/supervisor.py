@@ -232,10 +232,14 @@ class Supervisors:
             return self._by_id.get(daemon_id)
 
     def remove(self, daemon_id: str) -> None:
+        """Close the daemon's supervisor and delete what its daemons kept beside the socket
+        (the in-flight journal and poison counts of ``nydusd-py``)."""
         with self._lock:
             sup = self._by_id.pop(daemon_id, None)
         if sup is not None:
             sup.close()
+        for suffix in (".inflight", ".poison.json"):
+            (self.dir / f"{daemon_id}{suffix}").unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -35,40 +38,20 @@ BIG = os.urandom((2 << 20) + 777)
 KILLS = 5
 
 
-def _readers(
-    mnt: Path, stop: threading.Event, errors: list[str], pauses: list[float]
-) -> list[threading.Thread]:
+READER = Path(__file__).with_name("failover_reader.py")
+
+
+def _start_load(mnt: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """Readers in their own process (see failover_reader.py for why not threads here)."""
     want = hashlib.sha256(BIG).hexdigest()
+    argv = [sys.executable, str(READER), str(mnt), want, str(seconds)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE)
 
-    def held() -> None:  # a file kept open across every kill, read again and again
-        fd = os.open(mnt / "big", os.O_RDONLY)
-        try:
-            while not stop.is_set():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t = time.monotonic()
-                data = os.pread(fd, len(BIG) + 1, 0)
-                pauses.append(time.monotonic() - t)
-                if hashlib.sha256(data).hexdigest() != want:
-                    errors.append("held fd read wrong bytes")
-        finally:
-            os.close(fd)
 
-    def fresh() -> None:  # new opens and listings
-        while not stop.is_set():
-            t = time.monotonic()
-            names = sorted(os.listdir(mnt / "d"))
-            data = (mnt / "d" / "f7").read_bytes()
-            pauses.append(time.monotonic() - t)
-            if names != [f"f{i}" for i in sorted(range(10), key=str)] or data != b"7" * 7:
-                errors.append(f"listing/reading d went wrong: {names} {data!r}")
-
-    def guard(fn: object) -> None:
-        try:
-            fn()  # type: ignore[operator]
-        except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}")
-
-    return [threading.Thread(target=guard, args=(f,), daemon=True) for f in (held, fresh)]
+def _load_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=60)
+    result: dict[str, Any] = json.loads(out)
+    return result
 
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
@@ -78,10 +61,7 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
     config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
     pm = build_plugin_manager([], entry_points=False, env={})
     mgr = DaemonManager(config, pm)
-    stop = threading.Event()
-    errors: list[str] = []
-    pauses: list[float] = []
-    threads = []
+    load = None
     try:
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "21", img), {})
@@ -91,9 +71,7 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
         sup = mgr.supervisors.get(daemon.id)
         assert sup is not None and sup.has_state
         mgr.start_liveness_monitor(interval=5.0)
-        threads = _readers(inst.mountpoint, stop, errors, pauses)
-        for th in threads:
-            th.start()
+        load = _start_load(inst.mountpoint, 0.6 + KILLS * 0.8)
         time.sleep(0.3)
         took = []
         for _ in range(KILLS):
@@ -110,15 +88,13 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
             took.append(time.monotonic() - t)
             daemon = d
             time.sleep(0.3)
-            assert not errors, errors
-        stop.set()
-        for th in threads:
-            th.join(timeout=30)
-        assert not errors, errors
+        result = _load_result(load)
+        assert not result["errors"], result
+        assert result["ops"] > KILLS
         assert mgr.get_instance("21") is not None
         print(
             f"\n[manager failover {mode}] {KILLS} kill -9: kill->RUNNING max {max(took) * 1000:.0f} ms, "
-            f"longest reader op {max(pauses) * 1000:.0f} ms, {len(pauses)} reader ops, no error"
+            f"longest reader op {result['max_pause'] * 1000:.0f} ms, {result['ops']} reader ops, no error"
         )
         mgr.release_unused(set())
         assert not is_mounted(inst.mountpoint)
@@ -126,7 +102,9 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
             (shared,) = mgr.daemons()
             pm.hook.nydus_daemon_stop(daemon=shared)
     finally:
-        stop.set()
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
         mgr.close()
 
 
@@ -158,4 +136,50 @@ def test_restart_policy_breaks_open_files_but_serves_new_opens(root: Path) -> No
         assert (inst.mountpoint / "big").read_bytes() == BIG  # new containers are served
         mgr.release_unused(set())
     finally:
+        mgr.close()
+
+
+def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Crash-loop breaker: reading /poison kills the daemon (fault injection); after three deaths
+    with it in flight the replacement answers it EIO, and the other readers never see an error."""
+    files = {"big": BIG, "poison": b"p" * 10000, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
+    img = build_image(root / "build", files)
+    base = _config(root, img.blob_dir, "dedicated")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    monkeypatch.setenv("NYDUSD_PY_CRASH_ON_READ", "/poison")
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(config, pm)
+    load = None
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "41", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None and mgr.supervisors is not None
+        sup = mgr.supervisors.get(daemon.id)
+        assert sup is not None
+        mgr.start_liveness_monitor(interval=5.0)
+        load = _start_load(inst.mountpoint, 6.0)
+        t = time.monotonic()
+        poison = [sys.executable, str(READER), "--read", str(inst.mountpoint / "poison")]
+        out = subprocess.run(poison, capture_output=True, timeout=60, check=True).stdout
+        assert json.loads(out)["errno"] == errno.EIO
+        took = time.monotonic() - t
+        log = daemon.log_dir / "nydusd.log"
+        deaths = log.read_text().count(" starting: ") - 1  # every death was followed by a spawn
+        assert deaths == 3, log.read_text()
+        out = subprocess.run(poison, capture_output=True, timeout=60, check=True).stdout
+        assert json.loads(out)["errno"] == errno.EIO  # at once now, no more deaths
+        assert log.read_text().count(" starting: ") - 1 == deaths
+        result = _load_result(load)
+        assert not result["errors"], result
+        d = mgr.daemon(inst.daemon_id)
+        assert d is not None and pm.hook.nydus_daemon_alive(daemon=d)
+        assert (inst.mountpoint / "big").read_bytes() == BIG
+        ops = result["ops"]
+        print(f"\n[poison] EIO after {deaths} deaths in {took:.2f}s; {ops} other reader ops: no error")
+        mgr.release_unused(set())
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
         mgr.close()

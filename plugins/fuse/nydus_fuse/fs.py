@@ -20,6 +20,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -31,6 +32,7 @@ import trio
 from nydus_core.nydusd.instance import RafsInstance
 from nydus_core.nydusd.runtime import DaemonRuntime
 from nydus_core.rafs.erofs import Inode
+from nydus_fuse.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,16 @@ def guarded(op: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         async def handler(self: NydusFS, *args: Any) -> Any:
+            ino = args[0] if args and isinstance(args[0], int) else 0
+            slot = -1
+            if self.journal is not None:
+                if (op, ino) in self.poisoned:
+                    log.error("%s of inode %d crashed earlier daemons: answering EIO", op, ino)
+                    raise pyfuse3.FUSEError(errno.EIO)
+                slot = self.journal.enter(op, ino)
             try:
+                if ino and ino == self.crash_ino and op == "read":
+                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests only)
                 return await fn(self, *args)
             except pyfuse3.FUSEError:
                 raise
@@ -68,6 +79,9 @@ def guarded(op: str) -> Callable[[F], F]:
                 self._count_error(op, args[0] if args and isinstance(args[0], int) else None)
                 log.error("%s%r failed: %s", op, args[:3], e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                if self.journal is not None:
+                    self.journal.leave(slot)
 
         return cast(F, handler)
 
@@ -88,8 +102,13 @@ class NydusFS(pyfuse3.Operations):
         self._buf = bytearray(READ_BUFFER)  # reply buffer of inline (cached) reads
         self.mounted_at = time.time_ns()
         runtime.listeners.append(self._changed)
-        # Set by a supervised daemon: called by libfuse while it handles INIT (see session.py).
+        # Set by a supervised daemon: called by libfuse while it handles INIT (see session.py),
+        # the in-flight journal and the requests it found poisonous (journal.py).
         self.init_hook: Callable[[], None] | None = None
+        self.journal: Journal | None = None
+        self.poisoned: set[tuple[str, int]] = set()
+        # Fault injection for the crash-loop tests: reading this inode kills the daemon.
+        self.crash_ino: int | None = None
 
     def init(self) -> None:
         if self.init_hook is not None:
@@ -105,6 +124,14 @@ class NydusFS(pyfuse3.Operations):
             found[0].fs_stats.error(op)
 
     # -- inode numbers ------------------------------------------------------------------------
+    def ino_of_path(self, path: str) -> int:
+        """The inode number of `path` in a dedicated daemon's image (for fault injection)."""
+        inst = self.runtime.instances[""]
+        nid = inst.root_nid
+        for part in [p for p in path.split("/") if p]:
+            nid = inst.lookup(nid, os.fsencode(part))
+        return self._ino(inst, nid, 0)
+
     def _resolve(self, ino: int) -> tuple[RafsInstance, int, int] | None:
         """(instance, nid, slot) of `ino`; None for the shared daemon's synthetic root."""
         if ino == ROOT:

@@ -14,6 +14,9 @@ are re-issued. ``failover_policy`` ``resend`` and ``flush`` both resend: the ima
 so every request is idempotent, and not resending leaves the callers of in-flight requests
 blocked for ever (unkillable once signalled) -- there is no kernel operation that fails them.
 
+A request that kills every daemon is caught by the in-flight journal (journal.py): after three
+deaths in a row with it in flight, it is answered EIO and the rest of the mount is served.
+
 ``PUT /api/v1/daemon/exit`` ends the daemon without unmounting (the old side of a hot upgrade).
 SIGTERM unmounts, as an unsupervised daemon does.
 """
@@ -21,6 +24,7 @@ SIGTERM unmounts, as an unsupervised daemon does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -29,12 +33,14 @@ from typing import Any
 
 from nydus_core.daemon.supervisor import SupervisorError, fetch_state, send_state
 from nydus_core.nydusd.runtime import STATE_READY, STATE_RUNNING, ApiError, DaemonRuntime
+from nydus_fuse.journal import Journal, judge
 from nydus_fuse.session import ReplaySession, fuse_mounted, init_info, mount_fuse, unmount
 
 log = logging.getLogger("nydusd-py")
 
 
 LOAD_WAIT = 30.0
+CRASH_ENV = "NYDUSD_PY_CRASH_ON_READ"  # fault injection for tests: an image path whose read kills us
 
 
 class Control:
@@ -174,6 +180,23 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
             return 1
     runtime.listeners.append(ctl.on_change)
     fs = NydusFS(runtime, threads=args.thread_num)
+    stem = os.path.splitext(args.supervisor)[0]
+    try:
+        fs.journal = Journal(stem + ".inflight")
+        counts = stem + ".poison.json"
+        if takeover:
+            fs.poisoned = judge(fs.journal, counts)
+        else:  # a new session: nothing is in flight, nothing has crashed yet
+            fs.journal.clear()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(counts)
+    except OSError as e:
+        log.error("no in-flight journal (%s): a request that crashes the daemon would loop", e)
+        fs.journal = None
+    crash_path = os.environ.get(CRASH_ENV)
+    if crash_path and args.bootstrap is not None:
+        fs.crash_ino = fs.ino_of_path(crash_path)
+        log.warning("fault injection: reading %s (inode %d) kills this daemon", crash_path, fs.crash_ino)
     session = ReplaySession(ctl.fuse_fd, ctl.init, resend=takeover)
     fs.init_hook = session.on_init
     try:
