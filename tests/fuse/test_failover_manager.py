@@ -183,3 +183,42 @@ def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: py
             load.kill()
             load.wait()
         mgr.close()
+
+
+def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
+    """A restarted snapshotter (new manager, new supervisors) re-adopts the live daemon, has it
+    send its session again, and a later kill -9 still fails over without reader errors."""
+    img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
+    base = _config(root, img.blob_dir, "dedicated")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    pm = build_plugin_manager([], entry_points=False, env={})
+    first = DaemonManager(config, pm)
+    first.recover()
+    inst = first.ensure_instance(_meta(root, "51", img), {})
+    first.close()  # the snapshotter goes away; its supervisor with it, the daemon keeps serving
+    mgr = DaemonManager(config, pm)
+    load = None
+    try:
+        mgr.recover()
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None and mgr.supervisors is not None
+        sup = mgr.supervisors.get(daemon.id)
+        assert sup is not None and sup.has_state  # re-sent by the live daemon
+        load = _start_load(inst.mountpoint, 2.0)
+        time.sleep(0.3)
+        old = daemon.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mgr.check_liveness() == [daemon.id]
+        d = mgr.daemon(inst.daemon_id)
+        assert d is not None and d.pid != old
+        result = _load_result(load)
+        assert not result["errors"], result
+        mgr.release_unused(set())
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
+        mgr.close()
