@@ -251,3 +251,46 @@ def test_takeover_without_supervisor_state_is_refused(root: Path) -> None:
         ds.kill_all()
         umount_tree(ds.mnt)
         sup.close()
+
+
+def test_hot_upgrade_protocol_under_load(root: Path) -> None:
+    """Upstream's upgrade order on nydusd-py: sendfd (old) -> spawn --upgrade on a new socket ->
+    INIT -> takeover -> exit (old, leaves the mount) -> start (new) -> RUNNING. Readers see no
+    error; the old daemon exits 0 with the mount still there. (Same program on both sides: the
+    snapshotter's ``PUT /api/v1/daemons/upgrade`` is not wired yet.)"""
+    image = build_image(root / "img", FILES)
+    sup = Supervisor(root / "supervisor" / "fo1.sock", "fo1")
+    ds = Daemons(root, image, sup)
+    try:
+        old, old_sock = ds.spawn()
+        ds.wait_state(old, old_sock, "RUNNING")
+        with NydusdClient(old_sock) as c:
+            c.send_fd()
+            before = c.daemon_info().version
+        with Readers(ds.mnt) as readers:
+            time.sleep(0.3)
+            new, new_sock = ds.spawn("--upgrade")
+            ds.wait_state(new, new_sock, "INIT")
+            with NydusdClient(new_sock) as c:
+                c.takeover()
+                assert c.state() == "READY"
+            with NydusdClient(old_sock) as c:
+                c.exit()
+            assert old.wait(timeout=15) == 0
+            assert is_mounted(ds.mnt)
+            with NydusdClient(new_sock) as c:
+                c.start()
+            ds.wait_state(new, new_sock, "RUNNING")
+            with NydusdClient(new_sock) as c:
+                after = c.daemon_info().version
+            time.sleep(0.5)
+        assert not readers.errors, readers.errors
+        print(f"\n[upgrade] version {before.get('package_ver')} -> {after.get('package_ver')}; "
+              f"longest reader op {readers.max_pause * 1000:.0f} ms, no error")  # fmt: skip
+        new.send_signal(signal.SIGTERM)
+        assert new.wait(timeout=15) == 0
+        assert not is_mounted(ds.mnt)
+    finally:
+        ds.kill_all()
+        umount_tree(ds.mnt)
+        sup.close()
