@@ -33,7 +33,7 @@ from nydus_core.daemon.client import (
     NydusdUnreachable,
 )
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
-from nydus_core.daemon.mounts import umount_tree
+from nydus_core.daemon.mounts import is_mounted, umount_tree
 from nydus_core.errors import FailedPrecondition, Unavailable
 from nydus_core.hookspecs import hookimpl
 
@@ -83,7 +83,10 @@ def spawn(daemon: DaemonRecord, instance: Instance | None, config: SnapshotterCo
     argv = command_line(daemon, instance, config)
     daemon.api_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     daemon.api_socket.unlink(missing_ok=True)
-    daemon.mountpoint.mkdir(parents=True, exist_ok=True)
+    if not is_mounted(daemon.mountpoint):
+        # Never stat a live mount: under failover its daemon is dead and nobody answers until
+        # the process spawned here takes over (mkdir(exist_ok) stats an existing path).
+        daemon.mountpoint.mkdir(parents=True, exist_ok=True)
     daemon.log_dir.mkdir(parents=True, exist_ok=True)
     out = None if config.log.log_to_stdout else open(daemon.log_dir / "nydusd.out", "ab")  # noqa: SIM115
     try:
