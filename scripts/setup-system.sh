@@ -7,6 +7,7 @@ PACKAGES=(
   containerd runc docker-registry skopeo umoci busybox-static   # real services and test images
   erofs-utils fuse3 libfuse3-dev pkg-config                      # EROFS / FUSE backends
   debootstrap iproute2 stargz-snapshotter                        # realistic images, tc, ctr-remote
+  apache2-utils                                                  # htpasswd for the auth-registry tests
   gcc python3-dev python3-venv                                   # building pyfuse3, the venv
 )
 
