@@ -8,7 +8,6 @@ import helpers from `e2e_remote_helpers`, never from ``conftest`` (several test 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "remote"))
 
 from e2e_remote_helpers import NYDUS_TAG, Stack, convert
-from remote_helpers import PASSWORD, USER, Pki, start_registry
-from remote_pki import make_ca, make_server_cert, make_signing_cert
+from remote_helpers import PASSWORD, USER, Pki, make_pki, start_basic_auth_registry, start_registry
 from token_server import TokenServer
 
 from nydus_core.testing.services import Registry, unmount_below
@@ -29,8 +27,7 @@ from nydus_core.testing.services import Registry, unmount_below
 @pytest.fixture(scope="session")
 def e2e_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("e2e-pki")
-    ca, ca_key = make_ca(d)
-    return Pki(ca=ca, server=make_server_cert(d, ca, ca_key), signing=make_signing_cert(d))
+    return make_pki(d)
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +54,7 @@ def plain_nydus(busybox_image: str) -> str:
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry behind htpasswd basic auth (`USER` / `PASSWORD`)."""
     d = tmp_path_factory.mktemp("e2e-basic")
-    line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True)
-    (d / "htpasswd").write_text(line.stdout)
-    reg = start_registry(d, {"auth": {"htpasswd": {"realm": "nydus-e2e", "path": str(d / "htpasswd")}}})
+    reg = start_basic_auth_registry(d, "nydus-e2e")
     yield reg
     reg.stop()
 

@@ -7,13 +7,19 @@ per module; the token realm is `token_server.TokenServer`; certificates are made
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from remote_helpers import PASSWORD, USER, Pki, start_registry, write_docker_config
-from remote_pki import make_ca, make_server_cert, make_signing_cert
+from remote_helpers import (
+    PASSWORD,
+    USER,
+    Pki,
+    make_pki,
+    start_basic_auth_registry,
+    start_registry,
+    write_docker_config,
+)
 from token_server import TokenServer
 
 from nydus_core.testing.services import Registry
@@ -22,17 +28,14 @@ from nydus_core.testing.services import Registry
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca, ca_key = make_ca(d)
-    return Pki(ca=ca, server=make_server_cert(d, ca, ca_key), signing=make_signing_cert(d))
+    return make_pki(d)
 
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A registry behind htpasswd basic auth (user `USER`, password `PASSWORD`)."""
     d = tmp_path_factory.mktemp("basic-registry")
-    line = subprocess.run(["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True)
-    (d / "htpasswd").write_text(line.stdout)
-    reg = start_registry(d, {"auth": {"htpasswd": {"realm": "nydus-test", "path": str(d / "htpasswd")}}})
+    reg = start_basic_auth_registry(d, "nydus-test")
     yield reg
     reg.stop()
 
