@@ -447,6 +447,13 @@ class DaemonManager:
         )
         assert inst.config_path is not None
         self._write_config(inst.config_path, image, labels)
+        self._launch(daemon, inst)
+        with self._lock:
+            self._daemons[daemon.id] = daemon
+        return inst
+
+    def _launch(self, daemon: DaemonRecord, inst: Instance | None) -> None:
+        """Record a new daemon, start it and wait until it serves; forget it again if that fails."""
         self.store.save_daemon(daemon)
         try:
             self._start(daemon, inst)
@@ -454,22 +461,13 @@ class DaemonManager:
         except BaseException:
             self._discard(daemon)
             raise
-        with self._lock:
-            self._daemons[daemon.id] = daemon
-        return inst
 
     def _ensure_shared(self) -> DaemonRecord:
         with self._shared_lock:
             if self._shared is not None:
                 return self._shared
             daemon = self._new_record(DaemonMode.SHARED, self.root / "mnt")
-            self.store.save_daemon(daemon)
-            try:
-                self._start(daemon, None)
-                self._wait_ready(daemon)
-            except BaseException:
-                self._discard(daemon)
-                raise
+            self._launch(daemon, None)
             with self._lock:
                 self._daemons[daemon.id] = daemon
                 self._shared = daemon
