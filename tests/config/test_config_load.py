@@ -232,6 +232,14 @@ def test_explicit_false_is_honoured(tmp_path: Path) -> None:
     assert config.system.enable is False
 
 
+def test_failover_standby_is_our_extension_and_off_by_default(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "version = 1\n").daemon.failover_standby is False
+    text = 'version = 1\n[daemon]\nrecover_policy = "failover"\nfailover_standby = true\n'
+    assert load_text(tmp_path, text).daemon.failover_standby is True
+    bad = "version = 1\n[daemon]\nfailover_standby = \"yes\"\n"
+    assert "daemon.failover_standby" in error_of(tmp_path, bad)
+
+
 def test_paths_become_paths(tmp_path: Path) -> None:
     config = load_text(
         tmp_path, 'version = 1\n[log]\ndir = "/var/log/nydus"\n[cache_manager]\ncache_dir = "/c"'
