@@ -10,7 +10,8 @@ Three families, as the design card names them:
 * **image detection** - which format serves a layer lazily, and which image a container's parent
   chain holds;
 * **mount production** - the exact `containerd.types.Mount` list for a snapshot;
-* **daemon lifecycle** - start, wait-ready, attach/detach an image, liveness, stop, recover.
+* **daemon lifecycle** - start, wait-ready, attach/detach an image, liveness, stop, recover,
+  hot upgrade.
 
 plus broadcast events and a credentials hook.
 
@@ -209,6 +210,29 @@ def nydus_daemon_recover(
     """
 
 
+@hookspec(firstresult=True)
+def nydus_daemon_upgrade(
+    daemon: DaemonRecord, instances: Sequence[Instance], program: str, version: str, config: SnapshotterConfig
+) -> bool | None:
+    """Hand a running daemon's mount over to another daemon program without unmounting (hot upgrade).
+
+    Called by the daemon manager for every daemon, one at a time, on the system controller's
+    ``PUT /api/v1/daemons/upgrade``; only under ``recover_policy = "failover"`` (a supervisor holds
+    the session). No liveness recovery, attach or release runs on the daemon meanwhile.
+
+    :param daemon: the running daemon; on success the implementation updates it in place (pid,
+        API socket, program, version) and the manager persists it.
+    :param instances: the images it serves, in ``seq`` order.
+    :param program: path of the new daemon program (checked to be an executable file).
+    :param version: the version the caller expects the new program to report (empty: any); a
+        mismatch must fail before the old daemon is touched.
+    :param config: the snapshotter configuration.
+    :return: ``True`` when the new program serves, ``None`` if not this plugin's daemon. Failure is
+        an exception whose message says which program serves the daemon afterwards: an
+        implementation must leave a daemon serving (the old one, or the old program again).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Events (broadcast: every implementation is called; return values are ignored)
 # --------------------------------------------------------------------------------------------
@@ -237,7 +261,7 @@ def nydus_snapshot_removed(info: Info) -> None:
 @hookspec
 def nydus_daemon_event(daemon: DaemonRecord, event: str, detail: Mapping[str, Any]) -> None:
     """A daemon changed state. ``event`` is one of ``started``, ``ready``, ``died``,
-    ``recovered``, ``stopped``; ``detail`` carries event-specific facts (pid, error, ...)."""
+    ``recovered``, ``upgraded``, ``stopped``; ``detail`` carries event-specific facts (pid, error, ...)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "nydus_core.builtin.overlay_mounts",
     "nydus_core.builtin.nydus_format",
     "nydus_core.builtin.nydusd",
+    "nydus_core.builtin.nydusd_upgrade",
     "nydus_core.builtin.credentials",
     "nydus_core.builtin.docker_credentials",
 )
@@ -200,6 +201,19 @@ class TypedHooks:
         self, *, daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig
     ) -> bool | None:
         return self._hook.nydus_daemon_recover(daemon=daemon, instances=instances, config=config)
+
+    def daemon_upgrade(
+        self,
+        *,
+        daemon: DaemonRecord,
+        instances: Sequence[Instance],
+        program: str,
+        version: str,
+        config: SnapshotterConfig,
+    ) -> bool | None:
+        return self._hook.nydus_daemon_upgrade(
+            daemon=daemon, instances=instances, program=program, version=version, config=config
+        )
 
     # events
     def snapshotter_started(self, *, root: str, config: SnapshotterConfig) -> None:

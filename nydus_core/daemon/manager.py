@@ -40,7 +40,7 @@ from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.daemon.nydusd_config import build_config, load_template, write_private_json
 from nydus_core.daemon.store import DaemonStore
 from nydus_core.daemon.supervisor import Supervisors
-from nydus_core.errors import FailedPrecondition, Unavailable
+from nydus_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from nydus_core.snapshot.model import ImageSource
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,27 @@ _LOG_LEVELS = {"warning": "warn", "fatal": "error", "panic": "error"}
 
 class NoBackendError(FailedPrecondition):
     """No installed plugin answers a lifecycle hook for the configured ``fs_driver``."""
+
+
+class UpgradeBusy(AlreadyExists):
+    """A hot upgrade was asked for while another one runs."""
+
+
+UPGRADE_POLICIES = ("", "rolling")  # upstream names "rolling" (one daemon at a time) as the default
+
+
+def check_program(program: str) -> str:
+    """Why `program` cannot be a daemon program (empty when it can): absolute, a file, executable."""
+    if not program:
+        return "nydusd_path is required"
+    path = Path(program)
+    if not path.is_absolute():
+        return f"nydusd_path {program!r} is not an absolute path"
+    if not path.is_file():
+        return f"nydusd_path {program} does not exist or is not a file"
+    if not os.access(path, os.X_OK):
+        return f"nydusd_path {program} is not executable"
+    return ""
 
 
 def daemon_mode(config: SnapshotterConfig) -> DaemonMode:
@@ -96,6 +117,7 @@ class DaemonManager:
         self._meta_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._shared_lock = threading.Lock()
         self._recover_lock = threading.Lock()  # one dead daemon is handled by one thread
+        self._upgrade_lock = threading.Lock()  # one hot upgrade at a time
         self._monitor: threading.Thread | None = None
         self._monitor_stop = threading.Event()
         self._daemons: dict[str, DaemonRecord] = {}
@@ -314,6 +336,89 @@ class DaemonManager:
             self._handle_dead(daemon, served, reason=reason)
             return True
 
+    # ------------------------------------------------------------------------------------
+    # Hot upgrade
+    # ------------------------------------------------------------------------------------
+
+    def upgrade(self, program: str, version: str = "", policy: str = "") -> list[dict[str, Any]]:
+        """Move every daemon onto `program` without unmounting (``PUT /api/v1/daemons/upgrade``).
+
+        One daemon at a time, each under the locks its recovery, attach and release take, through
+        the `nydus_daemon_upgrade` hook; the first failure stops the run (upstream aborts too)
+        and is raised with what was upgraded so far. New daemons keep using ``[daemon]
+        nydusd_path``; upgraded ones keep `program` in their record, so their later failovers
+        and restarts (also after a snapshotter restart) run it.
+
+        :raises InvalidArgument: `program` is not an absolute path to an executable file, or
+            `policy` is not ``""``/``"rolling"``.
+        :raises FailedPrecondition: ``recover_policy`` is not ``failover``.
+        :raises UpgradeBusy: another upgrade runs.
+        :return: one entry per upgraded daemon (id, pids, programs, versions, API socket).
+        """
+        problem = check_program(program)
+        if problem:
+            raise InvalidArgument(problem)
+        if policy not in UPGRADE_POLICIES:
+            raise InvalidArgument(f"upgrade policy {policy!r} is not supported (only {UPGRADE_POLICIES})")
+        if self.config.daemon.recover_policy != "failover" or self.supervisors is None:
+            raise FailedPrecondition(
+                f'a hot upgrade needs [daemon] recover_policy = "failover" (a supervisor holding each '
+                f"FUSE session); it is {self.config.daemon.recover_policy!r}"
+            )
+        if not self._upgrade_lock.acquire(blocking=False):
+            raise UpgradeBusy("another daemon upgrade is running")
+        try:
+            done: list[dict[str, Any]] = []
+            for daemon in sorted(self.daemons(), key=lambda d: d.id):
+                try:
+                    result = self._upgrade_one(daemon, program, version)
+                except Exception as e:
+                    if done:
+                        ids = ", ".join(d["id"] for d in done)
+                        raise type(e)(f"{e} (already upgraded: {ids})") from e
+                    raise
+                if result is not None:
+                    done.append(result)
+            return done
+        finally:
+            self._upgrade_lock.release()
+
+    def _upgrade_one(self, daemon: DaemonRecord, program: str, version: str) -> dict[str, Any] | None:
+        shared = daemon.mode is DaemonMode.SHARED
+        with self._lock:
+            metas = sorted(i.snapshot_id for i in self._instances.values() if i.daemon_id == daemon.id)
+        with contextlib.ExitStack() as locks:
+            for meta in metas:  # release_unused and ensure_instance of its images wait
+                locks.enter_context(self._meta_lock(meta))
+            locks.enter_context(self._recover_lock)  # the liveness monitor waits
+            if shared:
+                locks.enter_context(self._shared_lock)  # attach/detach wait
+            with self._lock:
+                if self._daemons.get(daemon.id) is not daemon:
+                    return None  # released or replaced meanwhile
+                served = sorted((i for i in self._instances.values() if i.daemon_id == daemon.id),
+                                key=lambda i: i.seq)  # fmt: skip
+            if not self._hook_alive(daemon):
+                raise Unavailable(f"daemon {daemon.id} (pid {daemon.pid}) is not serving; not upgrading it")
+            before = {"pid": daemon.pid, "program": daemon.program, "version": daemon.version}
+            try:
+                self._hook("nydus_daemon_upgrade", daemon=daemon, instances=served, program=program,
+                           version=version, config=self.config)  # fmt: skip
+            finally:
+                self.store.save_daemon(daemon)  # a fail-back may have changed the pid
+        detail = {
+            "id": daemon.id,
+            "old_pid": before["pid"],
+            "pid": daemon.pid,
+            "old_program": before["program"],
+            "program": daemon.program,
+            "old_version": before["version"],
+            "version": daemon.version,
+            "api_socket": str(daemon.api_socket),
+        }
+        self._event(daemon, "upgraded", detail)
+        return detail
+
     def _adopt(self, daemon: DaemonRecord, served: Sequence[Instance]) -> None:
         with self._lock:
             self._daemons[daemon.id] = daemon
@@ -492,7 +597,8 @@ class DaemonManager:
         assert inst.config_path is not None
         self._write_config(inst.config_path, image, labels)
         try:
-            self._hook("nydus_instance_attach", daemon=daemon, instance=inst)
+            with self._shared_lock:  # a hot upgrade swaps the shared daemon's process under it
+                self._hook("nydus_instance_attach", daemon=daemon, instance=inst)
             self._wait_ready(daemon)
         except BaseException:
             shutil.rmtree(inst.config_path.parent, ignore_errors=True)
@@ -506,7 +612,8 @@ class DaemonManager:
             self._drop_instance(inst)
             return
         if daemon.mode is DaemonMode.SHARED:
-            self._hook("nydus_instance_detach", daemon=daemon, instance=inst)
+            with self._shared_lock:  # not while a hot upgrade swaps its process
+                self._hook("nydus_instance_detach", daemon=daemon, instance=inst)
             self._drop_instance(inst)
             if inst.config_path is not None:
                 shutil.rmtree(inst.config_path.parent, ignore_errors=True)

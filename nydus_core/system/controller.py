@@ -7,10 +7,16 @@ each serves, without reading its databases. Served endpoints (upstream's paths a
   ``api_socket``, ``supervisor_path``, ``reference`` (number of images it serves),
   ``mountpoint``, ``startup_cpu_utilization``, ``memory_rss_kb``, ``read_data_kb`` and
   ``instances`` (snapshot id -> ``{snapshot_id, snapshot_dir, mountpoint, image_id}``);
-* ``GET /api/v1/daemons/records``: the daemon records as persisted in ``nydus.db``.
+* ``GET /api/v1/daemons/records``: the daemon records as persisted in ``nydus.db``;
+* ``PUT /api/v1/daemons/upgrade`` (also upstream's documented ``/api/v1/nydusd/upgrade``), body
+  ``{"nydusd_path": "/abs/path", "version": "...", "policy": "..."}`` (only ``nydusd_path``
+  required): hot upgrade of every daemon to that program (`DaemonManager.upgrade`). 200 with
+  ``{"upgraded": [...]}``; 400 for a bad body or program, 412 when ``recover_policy`` is not
+  ``failover``, 409 while another upgrade runs, 500 when a daemon could not be upgraded (the
+  message says which program serves it now).
 
-Upgrade, prefetch and backend-source endpoints are not implemented; they answer 501 with a
-message, so a client can tell "not here" from "wrong path" (404).
+Prefetch and backend-source endpoints are not implemented; they answer 501 with a message, so a
+client can tell "not here" from "wrong path" (404). Errors are ``{"code", "message"}``.
 
 The socket is created under a temporary name, made ``0600`` (owner `uid`/`gid` from the
 config), then renamed into place, so there is no moment where another user could connect.
@@ -37,7 +43,9 @@ log = logging.getLogger(__name__)
 
 API_DAEMONS = "/api/v1/daemons"
 API_RECORDS = "/api/v1/daemons/records"
-NOT_IMPLEMENTED = ("/api/v1/daemons/upgrade", "/api/v1/prefetch")
+API_UPGRADE = ("/api/v1/daemons/upgrade", "/api/v1/nydusd/upgrade")
+NOT_IMPLEMENTED = ("/api/v1/prefetch",)
+MAX_BODY = 1 << 16
 METRICS_TIMEOUT = 1.0  # a hung daemon must not hang the listing
 
 
@@ -49,8 +57,50 @@ class DaemonSource(Protocol):
     def instances(self) -> list[Instance]: ...
 
 
+class Upgrader(Protocol):
+    """A daemon source that can hot-upgrade its daemons (`DaemonManager.upgrade`)."""
+
+    def upgrade(self, program: str, version: str = "", policy: str = "") -> list[dict[str, Any]]: ...
+
+
 class SystemControllerError(Exception):
     """The controller cannot listen (another process serves the socket, or bind failed)."""
+
+
+class BadRequest(Exception):
+    """The request body is not what the endpoint takes (answered 400)."""
+
+
+def parse_upgrade_body(body: bytes) -> tuple[str, str, str]:
+    """``(nydusd_path, version, policy)`` from upstream's JSON body; `BadRequest` when malformed."""
+    try:
+        doc = json.loads(body or b"null")
+    except ValueError as e:
+        raise BadRequest(f"body is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise BadRequest('body must be a JSON object like {"nydusd_path": "/path/to/nydusd"}')
+    values = []
+    for key in ("nydusd_path", "version", "policy"):
+        value = doc.get(key, "")
+        if not isinstance(value, str):
+            raise BadRequest(f"{key} must be a string, not {type(value).__name__}")
+        values.append(value)
+    if not values[0]:
+        raise BadRequest("nydusd_path is required")
+    return values[0], values[1], values[2]
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and error code of an exception raised by the daemon manager."""
+    from nydus_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+
+    if isinstance(exc, BadRequest | InvalidArgument):
+        return 400, "InvalidArgument"
+    if isinstance(exc, AlreadyExists):
+        return 409, "Conflict"
+    if isinstance(exc, FailedPrecondition):
+        return 412, "FailedPrecondition"
+    return 500, "Internal"
 
 
 def _rss_kb(pid: int) -> int:
@@ -144,7 +194,9 @@ class _UnixHTTPServer(ThreadingHTTPServer):
         return conn, ("unix", 0)  # the handler expects a (host, port) pair
 
 
-def _make_handler(routes: dict[str, Callable[[], Any]]) -> type[BaseHTTPRequestHandler]:
+def _make_handler(
+    routes: dict[str, Callable[[], Any]], puts: dict[str, Callable[[bytes], Any]]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -172,15 +224,43 @@ def _make_handler(routes: dict[str, Callable[[], Any]]) -> type[BaseHTTPRequestH
                 self._send(500, {"code": "Internal", "message": f"{type(exc).__name__}: {exc}"})
 
         def _not_found(self, path: str) -> None:
-            if path in NOT_IMPLEMENTED:
+            if path in puts and self.command != "PUT":
+                message = f"{path} takes PUT, not {self.command}"
+                self._send(405, {"code": "MethodNotAllowed", "message": message})
+            elif path in NOT_IMPLEMENTED or path in API_UPGRADE:
                 self._send(501, {"code": "NotImplemented", "message": f"{path} is not implemented"})
             else:
                 self._send(404, {"code": "NotFound", "message": f"no such endpoint: {self.command} {path}"})
 
+        def _body(self) -> bytes:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError as e:
+                raise BadRequest("bad Content-Length") from e
+            if length < 0 or length > MAX_BODY:
+                raise BadRequest(f"body of {length} bytes (at most {MAX_BODY})")
+            return self.rfile.read(length) if length else b""
+
         def do_PUT(self) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/")
+            route = puts.get(path)
+            if route is None:
+                self._not_found(path)
+                return
+            try:
+                result = route(self._body())
+            except Exception as exc:
+                status, code = error_status(exc)
+                if status == 500:
+                    log.error("system controller: PUT %s failed: %s", path, exc)
+                self._send(status, {"code": code, "message": str(exc)})
+                return
+            self._send(200, result)
+
+        def do_POST(self) -> None:
             self._not_found(self.path.split("?", 1)[0].rstrip("/"))
 
-        do_POST = do_DELETE = do_PUT
+        do_DELETE = do_POST
 
     return Handler
 
@@ -211,8 +291,12 @@ class SystemController:
             API_DAEMONS: lambda: list_daemons(self.source),
             API_RECORDS: lambda: list_records(self.source),
         }
+        puts: dict[str, Callable[[bytes], Any]] = {}
+        if callable(getattr(self.source, "upgrade", None)):
+            for path in API_UPGRADE:
+                puts[path] = self._upgrade
         try:
-            self._server = _UnixHTTPServer(self.address, _make_handler(routes), self.uid, self.gid)
+            self._server = _UnixHTTPServer(self.address, _make_handler(routes, puts), self.uid, self.gid)
         except OSError as exc:
             raise SystemControllerError(f"cannot listen on {self.address}: {exc}") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -220,6 +304,13 @@ class SystemController:
         self._thread.start()
         log.info("system controller listening on %s", self.address)
         return self
+
+    def _upgrade(self, body: bytes) -> dict[str, Any]:
+        program, version, policy = parse_upgrade_body(body)
+        log.info("system controller: hot upgrade of every daemon to %s (version %r, policy %r)",
+                 program, version, policy)  # fmt: skip
+        upgrader: Upgrader = self.source  # type: ignore[assignment]  # checked in start()
+        return {"upgraded": upgrader.upgrade(program, version, policy)}
 
     def stop(self) -> None:
         if self._server is None:

@@ -617,6 +617,24 @@ class NydusSnapshotter:
     def log_tail(self, limit: int = 20000) -> str:
         return _tail(self.log_path, limit)
 
+    def system_put(self, path: str, body: Any, timeout: float = 120.0) -> tuple[int, Any]:
+        """``PUT <path>`` on the system controller socket with `body` (JSON-encoded unless bytes).
+
+        Returns the HTTP status and the decoded JSON answer (``None`` when there is none), so a
+        test can check error answers as well."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.system_address))
+            s.sendall(f"PUT {path} HTTP/1.0\r\nHost: nydus\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        head, _, answer = b"".join(chunks).partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head else 0
+        return status, (json.loads(answer) if answer.strip() else None)
+
     def system_get(self, path: str, timeout: float = 10.0) -> Any:
         """``GET <path>`` on the system controller socket; the decoded JSON (raises on non-200)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

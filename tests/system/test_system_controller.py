@@ -66,10 +66,40 @@ def test_socket_is_private_and_lists_nothing_yet(snap: NydusSnapshotter) -> None
 def test_unknown_and_unimplemented_paths(snap: NydusSnapshotter) -> None:
     status, body = _raw_get(snap.system_address, "/api/v1/nothing")
     assert status == 404 and b"no such endpoint" in body
-    status, body = _raw_get(snap.system_address, "/api/v1/daemons/upgrade", method="PUT")
+    status, body = _raw_get(snap.system_address, "/api/v1/prefetch", method="PUT")
     assert status == 501 and b"not implemented" in body
+    status, body = _raw_get(snap.system_address, "/api/v1/daemons/upgrade")
+    assert status == 405 and b"takes PUT" in body
     with pytest.raises(ServiceError, match="HTTP 404"):
         snap.system_get("/api/v1/daemon")
+
+
+def test_upgrade_request_errors(snap: NydusSnapshotter, workdir: Path) -> None:
+    """``PUT /api/v1/daemons/upgrade`` refuses a bad body or program (400) and, under the default
+    ``recover_policy = "restart"``, any upgrade (412: no supervisor holds the sessions). The happy
+    path and failing programs are in tests/fuse/test_hot_upgrade.py (real daemons, root)."""
+    program = workdir / "nydusd-next"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    plain = workdir / "not-executable"
+    plain.write_text("")
+    cases: list[tuple[object, int, str]] = [
+        (b"{not json", 400, "not JSON"),
+        (["/usr/bin/true"], 400, "JSON object"),
+        ({}, 400, "nydusd_path is required"),
+        ({"nydusd_path": 7}, 400, "must be a string"),
+        ({"nydusd_path": "nydusd"}, 400, "not an absolute path"),
+        ({"nydusd_path": str(workdir / "missing")}, 400, "does not exist"),
+        ({"nydusd_path": str(plain)}, 400, "not executable"),
+        ({"nydusd_path": str(program), "policy": "sideways"}, 400, "not supported"),
+        ({"nydusd_path": str(program)}, 412, 'recover_policy = "failover"'),
+    ]
+    for path in ("/api/v1/daemons/upgrade", "/api/v1/nydusd/upgrade"):
+        for body, want, text in cases:
+            status, answer = snap.system_put(path, body)
+            assert (status, answer["code"] != "") == (want, True), (body, status, answer)
+            assert text in answer["message"], (body, answer)
+    assert snap.system_get("/api/v1/daemons") == []
 
 
 def test_socket_removed_on_stop_and_stale_one_replaced(snap: NydusSnapshotter) -> None:

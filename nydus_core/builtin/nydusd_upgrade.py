@@ -1,0 +1,208 @@
+"""Hot upgrade of a fusedev daemon to another program (``nydus_daemon_upgrade`` for ``fusedev``).
+
+Upstream's order (nydus-snapshotter ``upgradeNydusDaemon``), on a daemon whose FUSE session a
+supervisor holds (``recover_policy = "failover"``):
+
+1. ``sendfd``: the old daemon pushes its current state and the ``/dev/fuse`` fd to the supervisor;
+2. the new program is spawned with ``--upgrade`` on the next API socket (``api.sock`` ->
+   ``api1.sock`` -> ``api2.sock`` ... in the same directory) and waits in ``INIT``;
+3. ``takeover``: it fetches state and fd from the supervisor (``READY``; nydusd-py re-opens the
+   images with their old inode slots, so the kernel's nodeids stay valid);
+4. ``exit``: the old daemon stops serving and leaves the mount;
+5. ``start``: the new daemon replays the saved INIT and sends ``FUSE_NOTIFY_RESEND`` (what the old
+   one had read but not answered -- ``pyfuse3.terminate`` can drop one request -- is queued again),
+   then reports ``RUNNING`` and, being supervised, is told ``sendfd`` in turn.
+
+Readers only see a pause between 4 and 5; we wait until the old process is *gone* before 5, so
+the RESEND cannot race a request the old daemon is still reading.
+
+Failure before step 4 kills the new process and leaves the old daemon serving (an `UpgradeError`
+that says so). Failure after it (the new program dies while starting) fails the session back to
+the old program through the regular failover path, so a daemon serves either way.
+
+On success the record is updated in place (``api_socket``, ``pid``, ``program``, ``version``):
+`_is_our_daemon` (pid-reuse guard) and the liveness probe follow the new API socket, and a later
+failover respawns the *new* program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from nydus_core.config import SnapshotterConfig
+from nydus_core.daemon.client import (
+    STATE_INIT,
+    STATE_READY,
+    NydusdApiError,
+    NydusdClient,
+    NydusdUnreachable,
+)
+from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.errors import FailedPrecondition, Unavailable
+from nydus_core.hookspecs import hookimpl
+
+from . import nydusd
+
+log = logging.getLogger(__name__)
+
+STEP_TIMEOUT = 10.0  # INIT, READY, RUNNING of the new daemon
+EXIT_TIMEOUT = 10.0  # the old daemon leaving after ``exit`` (then SIGKILL: the supervisor holds the fd)
+
+_API_SOCKET = re.compile(r"^api(\d*)\.sock$")
+
+
+class UpgradeError(Unavailable):
+    """A daemon could not be upgraded; the message says which program serves it now."""
+
+
+def next_api_socket(current: Path) -> Path:
+    """Upstream's naming: ``api.sock`` -> ``api1.sock`` -> ``api2.sock``, same directory.
+
+    A name that exists already (a socket another generation listens on) is skipped, so the new
+    daemon never unlinks a live daemon's socket.
+    """
+    m = _API_SOCKET.match(current.name)
+    n = int(m.group(1) or 0) if m else 0
+    while True:
+        n += 1
+        candidate = current.with_name(f"api{n}.sock")
+        if not candidate.exists():
+            return candidate
+
+
+def version_matches(wanted: str, package_ver: str) -> bool:
+    """Whether the reported ``package_ver`` is the `wanted` one: equal, or equal to its last word
+    (``nydusd-py 0.2.0`` matches ``0.2.0``); an empty `wanted` matches anything."""
+    if not wanted:
+        return True
+    return wanted in (package_ver, package_ver.rsplit(" ", 1)[-1])
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not nydusd._exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _discard(new: DaemonRecord) -> None:
+    """Kill a new daemon that did not take over; it never served, so SIGKILL is enough (and it
+    never unmounts: an ``--upgrade`` daemon in INIT/READY has not touched the mount)."""
+    if new.pid > 0 and nydusd._is_our_daemon(new.pid, new):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(new.pid, signal.SIGKILL)
+        _wait_gone(new.pid, EXIT_TIMEOUT)
+    new.api_socket.unlink(missing_ok=True)
+
+
+def _retire(old: DaemonRecord) -> None:
+    """Step 4: the old daemon exits without unmounting; SIGKILL if it does not go in time
+    (harmless then: the supervisor and the new daemon hold the session, RESEND follows)."""
+    try:
+        with NydusdClient(old.api_socket, timeout=STEP_TIMEOUT) as client:
+            client.exit()
+    except (NydusdApiError, NydusdUnreachable) as e:
+        log.warning("daemon %s (pid %d) refused exit (%s); killing it", old.id, old.pid, e)
+        _kill(old)
+        return
+    if not _wait_gone(old.pid, EXIT_TIMEOUT):
+        log.warning("daemon %s (pid %d) did not exit within %gs; killing it", old.id, old.pid, EXIT_TIMEOUT)
+        _kill(old)
+
+
+def _kill(old: DaemonRecord) -> None:
+    if old.pid > 0 and not nydusd._exited(old.pid) and nydusd._is_our_daemon(old.pid, old):
+        try:
+            os.kill(old.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        _wait_gone(old.pid, EXIT_TIMEOUT)
+
+
+def upgrade(
+    daemon: DaemonRecord, instances: Sequence[Instance], program: str, version: str, config: SnapshotterConfig
+) -> None:
+    """Move `daemon` onto `program` without unmounting; see the module docstring for the steps."""
+    if daemon.supervisor_path is None or not daemon.supervisor_path.exists():
+        raise FailedPrecondition(
+            f"daemon {daemon.id} has no supervisor holding its FUSE session: a hot upgrade needs "
+            f'recover_policy = "failover" when the daemon was started'
+        )
+    dedicated = daemon.mode is DaemonMode.DEDICATED
+    if dedicated and not instances:
+        raise FailedPrecondition(f"dedicated daemon {daemon.id} has no recorded image for a new program")
+    t0 = time.monotonic()
+    # 1. the supervisor gets the session as it is now
+    try:
+        with NydusdClient(daemon.api_socket, timeout=STEP_TIMEOUT) as client:
+            client.send_fd()
+    except (NydusdApiError, NydusdUnreachable) as e:
+        raise UpgradeError(f"daemon {daemon.id} (pid {daemon.pid}) did not hand its session to the "
+                           f"supervisor, not upgraded: {e}") from e  # fmt: skip
+    # 2. the new program, waiting in INIT on the next socket
+    new = attrs.evolve(daemon, api_socket=next_api_socket(daemon.api_socket), program=program, pid=0,
+                       version="")  # fmt: skip
+    keeps = f"daemon {daemon.id} keeps serving with {daemon.program} (pid {daemon.pid})"
+    try:
+        new.pid = nydusd.spawn(new, instances[0] if dedicated else None, config, ["--upgrade"])
+        if not nydusd.wait_ready(new, STEP_TIMEOUT, STATE_INIT):
+            raise Unavailable(f"{program} (pid {new.pid}) did not reach INIT within {STEP_TIMEOUT:g}s")
+        if not version_matches(version, new.version):
+            raise FailedPrecondition(f"{program} reports version {new.version!r}, not {version!r}")
+        # 3. takeover
+        with NydusdClient(new.api_socket, timeout=STEP_TIMEOUT) as client:
+            client.takeover()
+        if not nydusd.wait_ready(new, STEP_TIMEOUT, STATE_READY):
+            raise Unavailable(f"{program} (pid {new.pid}) did not reach READY after takeover")
+    except Exception as e:
+        _discard(new)
+        raise UpgradeError(f"upgrade of daemon {daemon.id} to {program} failed, {keeps}: {e}") from e
+    # 4. the old daemon goes; from here on the new one must serve
+    t_exit = time.monotonic()
+    _retire(daemon)
+    t_gone = time.monotonic()
+    # 5. start (INIT replay + RESEND), RUNNING, sendfd
+    try:
+        with NydusdClient(new.api_socket, timeout=STEP_TIMEOUT) as client:
+            client.start()
+        if not nydusd.wait_ready(new, STEP_TIMEOUT):
+            raise Unavailable(f"{program} (pid {new.pid}) did not reach RUNNING after start")
+    except Exception as e:
+        _discard(new)
+        log.error("daemon %s: %s died starting after the old daemon left (%s); failing back to %s",
+                  daemon.id, program, e, daemon.program)  # fmt: skip
+        back = nydusd.failover(daemon, instances, config)  # same record: old program, old socket
+        where = f"{daemon.program} serves again (pid {daemon.pid})" if back else (
+            "the fail-back failed too; the liveness monitor recovers it per recover_policy")
+        raise UpgradeError(f"upgrade of daemon {daemon.id} to {program} failed after the old daemon "
+                           f"exited ({e}); {where}") from e  # fmt: skip
+    old_socket = daemon.api_socket
+    daemon.api_socket, daemon.pid = new.api_socket, new.pid
+    daemon.program, daemon.version = program, new.version
+    if old_socket != daemon.api_socket:
+        old_socket.unlink(missing_ok=True)
+    ms = [(time.monotonic() - t) * 1000 for t in (t0, t_exit)] + [(t_gone - t_exit) * 1000]
+    log.info("daemon %s upgraded to %s (%s), pid %d on %s: %.0f ms in all; %.0f ms from exit to RUNNING "
+             "(old daemon gone after %.0f ms)", daemon.id, program, daemon.version or "?", daemon.pid,
+             daemon.api_socket, *ms)  # fmt: skip
+
+
+@hookimpl
+def nydus_daemon_upgrade(
+    daemon: DaemonRecord, instances: Sequence[Instance], program: str, version: str, config: SnapshotterConfig
+) -> bool | None:
+    if daemon.fs_driver != nydusd.FS_DRIVER:
+        return None
+    upgrade(daemon, instances, program, version, config)
+    return True

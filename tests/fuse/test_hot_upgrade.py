@@ -1,0 +1,352 @@
+"""Hot upgrade through the system controller of a real ``containerd-nydus-grpc`` (root, real mounts).
+
+The snapshotter runs with ``recover_policy = "failover"`` and serves a nydus image (built here,
+blobs on a localfs backend, no registry) to a "container" prepared over its gRPC socket. A reader
+process (``failover_reader.py``, like a container) reads a file whole in a loop and lists a
+directory, while ``PUT /api/v1/daemons/upgrade`` moves the daemon onto **another program**: a
+wrapper generated here that runs nydusd-py but reports a different ``package_ver`` (it patches
+``nydus_core.nydusd.__version__`` before nydusd-py's ``main``; nothing in production code knows
+about it). Checked: no reader error and right bytes, ``GET /api/v1/daemon`` reports the old
+version before and the new one after, the old pid is gone, the mount never went away,
+``GET /api/v1/daemons`` lists the new pid, and a later ``kill -9`` fails over to the new program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fuse_helpers import nydusd_py
+from nydusd_helpers import Image, build_image
+
+from nydus_core.daemon.client import NydusdClient
+from nydus_core.daemon.mounts import is_mounted
+from nydus_core.snapshot import labels as L
+from nydus_core.testing.client import SnapshotterClient
+from nydus_core.testing.services import NydusSnapshotter, unmount_below
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
+
+BIG = os.urandom((2 << 20) + 4321)
+FILES = {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
+REF = "localhost/test/upgrade:latest"
+NEW_VERSION = "0.1.0+hot-upgrade-test"
+READER = Path(__file__).with_name("failover_reader.py")
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: its parent, the snapshotter, may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nyup-", dir="/tmp"))  # short: unix socket paths
+    yield d
+    for pid in _pids_mentioning(str(d)):  # daemons we started name the workdir in their argv
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    unmount_below(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def write_program(path: Path, body: str) -> Path:
+    path.write_text(body)
+    path.chmod(0o755)
+    return path
+
+
+def upgraded_nydusd(workdir: Path) -> Path:
+    """Another daemon program: nydusd-py reporting ``package_ver`` ``nydusd-py NEW_VERSION``."""
+    return write_program(workdir / "nydusd-next", (
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "import nydus_core.nydusd\n"
+        f"nydus_core.nydusd.__version__ = {NEW_VERSION!r}\n"
+        "from nydus_fuse.main import main\n"
+        "sys.exit(main())\n"
+    ))  # fmt: skip
+
+
+def nydusd_dying_at_start(workdir: Path) -> Path:
+    """A program that gets through INIT and takeover but dies when told ``start`` -- after the old
+    daemon has left: the upgrade must fail the session back to the old program."""
+    return write_program(workdir / "nydusd-dies", (
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "import nydus_fuse.supervised as supervised\n"
+        "supervised.Control.start = lambda self: os._exit(7)\n"
+        "from nydus_fuse.main import main\n"
+        "sys.exit(main())\n"
+    ))  # fmt: skip
+
+
+class Stack:
+    """The snapshotter (failover, system socket) serving one image to one prepared container."""
+
+    def __init__(self, workdir: Path, mode: str, recover_policy: str = "failover") -> None:
+        self.workdir = workdir
+        self.image: Image = build_image(workdir / "img", FILES)
+        template = workdir / "nydusd-config.json"
+        template.write_text(json.dumps({
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(self.image.blob_dir)}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": ""}}},
+            "mode": "direct", "digest_validate": False, "fs_prefetch": {"enable": False},
+        }))  # fmt: skip
+        config = workdir / "config.toml"
+        system = workdir / "system.sock"
+        config.write_text(
+            f'version = 1\ndaemon_mode = "{mode}"\n\n[system]\nenable = true\naddress = "{system}"\n\n'
+            f'[daemon]\nnydusd_path = "{nydusd_py()}"\nnydusd_config = "{template}"\n'
+            f'recover_policy = "{recover_policy}"\n'
+        )
+        self.snap = NydusSnapshotter(workdir / "s", workdir / "s" / "grpc.sock", root=workdir / "r",
+                                     extra_args=["--config", str(config)], system_address=system)  # fmt: skip
+        self.snap.start()
+        self.client = SnapshotterClient(self.snap.address)
+
+    def serve_image(self) -> Path:
+        """Pull (as containerd would: skip the blob, unpack the bootstrap) and prepare a container;
+        returns the image's mountpoint, served by a daemon."""
+        cri = {L.CRI_IMAGE_REF: REF}
+        with pytest.raises(grpc.RpcError) as err:
+            blob_labels = {L.TARGET_SNAPSHOT_REF: "sha256:blob", L.NYDUS_BLOB: "true", **cri}
+            self.client.prepare("extract-1 sha256:blob", "", blob_labels)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        meta_labels = {L.TARGET_SNAPSHOT_REF: "sha256:meta", L.NYDUS_BOOTSTRAP: "true", **cri}
+        (m,) = self.client.prepare("extract-2 sha256:meta", "sha256:blob", meta_labels)
+        upper = m.source if m.type == "bind" else next(
+            o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+        boot = Path(upper) / "image" / "image.boot"
+        boot.parent.mkdir(parents=True)
+        shutil.copyfile(self.image.bootstrap, boot)
+        self.client.commit("sha256:meta", "extract-2 sha256:meta", meta_labels)
+        (rootfs,) = self.client.prepare("container-1", "sha256:meta")
+        lower = next(o.split("=", 1)[1] for o in rootfs.options if o.startswith("lowerdir="))
+        return Path(lower.split(":")[0])
+
+    def daemon(self) -> dict[str, Any]:
+        (d,) = self.snap.system_get("/api/v1/daemons")
+        assert isinstance(d, dict)
+        return d
+
+    def close(self) -> None:
+        self.client.close()
+        self.snap.stop()
+
+
+@pytest.fixture
+def stack_factory(workdir: Path) -> Iterator[Any]:
+    made: list[Stack] = []
+
+    def make(mode: str, recover_policy: str = "failover") -> Stack:
+        made.append(Stack(workdir, mode, recover_policy))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def package_ver(api_socket: str) -> str:
+    """``version.package_ver`` of ``GET /api/v1/daemon`` on a daemon's own API socket."""
+    with NydusdClient(Path(api_socket), timeout=5) as c:
+        return str(c.daemon_info().version.get("package_ver", ""))
+
+
+class MountWatch:
+    """Samples mountinfo every 2 ms and remembers whether `mountpoint` was ever missing."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.missing = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.samples += 1
+            if not is_mounted(self.mountpoint):
+                self.missing += 1
+
+    def __enter__(self) -> MountWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def start_reader(mnt: Path, seconds: float) -> subprocess.Popen[bytes]:
+    want = hashlib.sha256(BIG).hexdigest()
+    argv = [sys.executable, str(READER), str(mnt), want, str(seconds)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE)
+
+
+def reader_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=120)
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_new_pid(stack: Stack, old: int, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            d = stack.daemon()
+            if d["pid"] != old and _alive(d["pid"]) and package_ver(d["api_socket"]):
+                return d
+        assert time.monotonic() < deadline, f"no new daemon within {timeout}s:\n{stack.snap.log_tail()}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_factory: Any) -> None:
+    stack: Stack = stack_factory(mode)
+    mnt = stack.serve_image()
+    assert (mnt / "big").read_bytes() == BIG
+    before = stack.daemon()
+    old_pid, old_sock = before["pid"], before["api_socket"]
+    old_ver = package_ver(old_sock)
+    program = upgraded_nydusd(workdir)
+    daemon_mnt = Path(before["mountpoint"])  # the daemon's FUSE mount (shared: <root>/mnt)
+    readers: list[subprocess.Popen[bytes]] = []
+    try:
+        with MountWatch(daemon_mnt) as watch:
+            readers.append(start_reader(mnt, 4.0))  # the upgrade runs within these 4 s
+            time.sleep(0.5)
+            t = time.monotonic()
+            status, answer = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(program)})
+            took = time.monotonic() - t
+            assert status == 200, (answer, stack.snap.log_tail())
+            after = stack.daemon()
+            new_pid, new_sock = after["pid"], after["api_socket"]
+            new_ver = package_ver(new_sock)
+            new_argv = _cmdline(new_pid)
+            old_gone = not _alive(old_pid)
+            result = reader_result(readers[0])
+            # kill -9 of the upgraded daemon: failover respawns the *new* program
+            readers.append(start_reader(mnt, 3.0))
+            time.sleep(0.5)
+            os.kill(new_pid, signal.SIGKILL)
+            failed_over = wait_new_pid(stack, new_pid)
+            after_kill = reader_result(readers[1])
+    finally:
+        for r in readers:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+    assert not result["errors"], result
+    assert not after_kill["errors"], after_kill
+    assert result["ops"] > 0 and after_kill["ops"] > 0
+    assert watch.samples > 0 and watch.missing == 0, "the mount went away during the upgrade"
+    assert old_ver == "nydusd-py 0.1.0" and new_ver == f"nydusd-py {NEW_VERSION}", (old_ver, new_ver)
+    (entry,) = answer["upgraded"]
+    assert entry["old_pid"] == old_pid and entry["pid"] == new_pid and entry["program"] == str(program)
+    assert entry["version"] == new_ver
+    assert new_pid != old_pid and old_gone
+    assert str(program) in new_argv[:2] and "--upgrade" in new_argv
+    assert new_sock != old_sock and not Path(old_sock).exists()
+    assert Path(new_sock).name == "api1.sock"
+    assert str(program) in _cmdline(failed_over["pid"])[:2]
+    assert package_ver(failed_over["api_socket"]) == new_ver
+    records = stack.snap.system_get("/api/v1/daemons/records")
+    assert records[0]["program"] == str(program) and records[0]["pid"] == failed_over["pid"]
+    daemon_log = stack.snap.log_path.read_text()  # --log-to-stdout: the daemons log there too
+    assert daemon_log.count("sent FUSE_NOTIFY_RESEND") >= 2  # the upgrade's start and the failover
+    assert (mnt / "big").read_bytes() == BIG
+    steps = [ln.split("upgraded to", 1)[1].strip() for ln in daemon_log.splitlines() if "upgraded to" in ln]
+    print(f"\n[hot upgrade {mode}] {old_ver} (pid {old_pid}) -> {new_ver} (pid {new_pid}), PUT took "
+          f"{took * 1000:.0f} ms; longest reader op during the upgrade {result['max_pause'] * 1000:.0f} ms "
+          f"over {result['ops']} ops, no error; snapshotter: {steps[-1] if steps else '?'}; kill -9 "
+          f"afterwards failed over to pid {failed_over['pid']} running {program.name}, longest reader op "
+          f"{after_kill['max_pause'] * 1000:.0f} ms, no error")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["dedicated"])
+def test_nydus_daemon_upgrade_to_a_failing_program_keeps_a_daemon_serving(
+    mode: str, workdir: Path, stack_factory: Any
+) -> None:
+    """Two programs that cannot take over: one exits at once, one reports another version than
+    the request asks for; each time the new process is killed and the old daemon keeps serving.
+    A third dies at ``start``, after the old daemon left: the old program is failed back to.
+    Readers see no error throughout."""
+    stack: Stack = stack_factory(mode)
+    mnt = stack.serve_image()
+    before = stack.daemon()
+    broken = write_program(workdir / "nydusd-broken", "#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    other = upgraded_nydusd(workdir)
+    dying = nydusd_dying_at_start(workdir)
+    reader = start_reader(mnt, 6.0)
+    try:
+        time.sleep(0.3)
+        status, answer = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(broken)})
+        assert status == 500, answer
+        assert "keeps serving" in answer["message"] and "exited with status 3" in answer["message"], answer
+        status, wrong = stack.snap.system_put("/api/v1/nydusd/upgrade",
+                                              {"nydusd_path": str(other), "version": "9.9.9"})  # fmt: skip
+        assert status == 500, wrong
+        assert "not '9.9.9'" in wrong["message"] and "keeps serving" in wrong["message"], wrong
+        kept = stack.daemon()
+        kept_ver = package_ver(kept["api_socket"])
+        sockets = sorted(p.name for p in Path(before["api_socket"]).parent.iterdir())
+        leftovers = _pids_mentioning(str(other))
+        status, back = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(dying)})
+        result = reader_result(reader)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert not result["errors"], result
+    assert kept["pid"] == before["pid"] and kept["api_socket"] == before["api_socket"]
+    assert kept_ver == "nydusd-py 0.1.0"
+    assert not leftovers, "the refused new daemon was left running"
+    assert sockets == ["api.sock"], sockets
+    assert status == 500, back
+    assert "after the old daemon exited" in back["message"], back
+    assert f"{nydusd_py()} serves again" in back["message"], back
+    failed_back = stack.daemon()
+    assert failed_back["pid"] != before["pid"] and not _alive(before["pid"])
+    assert failed_back["api_socket"] == before["api_socket"]
+    assert str(nydusd_py()) in " ".join(_cmdline(failed_back["pid"])[:2])
+    assert package_ver(failed_back["api_socket"]) == "nydusd-py 0.1.0"
+    assert (mnt / "big").read_bytes() == BIG
+    pause = result["max_pause"] * 1000
+    print(f"\n[upgrade refused twice, then failed back] old program serves (pid {failed_back['pid']}); "
+          f"longest reader op {pause:.0f} ms over {result['ops']} ops, no error")  # fmt: skip
