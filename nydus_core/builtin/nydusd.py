@@ -80,10 +80,9 @@ def command_line(daemon: DaemonRecord, instance: Instance | None, config: Snapsh
 
 
 def spawn(
-    daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig, extra_args: Sequence[str] = ()
+    daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig, extra: Sequence[str] = ()
 ) -> int:
-    """Start the daemon's program; `extra_args` go after upstream's flags (``--upgrade``)."""
-    argv = [*command_line(daemon, instance, config), *extra_args]
+    argv = command_line(daemon, instance, config) + list(extra)
     daemon.api_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     daemon.api_socket.unlink(missing_ok=True)
     if not is_mounted(daemon.mountpoint):

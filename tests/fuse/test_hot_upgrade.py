@@ -350,3 +350,34 @@ def test_nydus_daemon_upgrade_to_a_failing_program_keeps_a_daemon_serving(
     pause = result["max_pause"] * 1000
     print(f"\n[upgrade refused twice, then failed back] old program serves (pid {failed_back['pid']}); "
           f"longest reader op {pause:.0f} ms over {result['ops']} ops, no error")  # fmt: skip
+
+
+def test_nydus_daemon_upgrade_survives_a_snapshotter_restart(workdir: Path, stack_factory: Any) -> None:
+    """The upgraded daemon's record (program, API socket) is what a restarted snapshotter reads:
+    it re-adopts the daemon on ``api1.sock`` and a kill -9 afterwards still respawns the new
+    program on the same mount, while a reader keeps going."""
+    stack: Stack = stack_factory("dedicated")
+    mnt = stack.serve_image()
+    program = upgraded_nydusd(workdir)
+    status, answer = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(program)})
+    assert status == 200, answer
+    upgraded = stack.daemon()
+    stack.snap.restart()
+    readopted = stack.daemon()
+    assert (readopted["pid"], readopted["api_socket"]) == (upgraded["pid"], upgraded["api_socket"])
+    reader = start_reader(mnt, 3.0)
+    try:
+        time.sleep(0.5)
+        os.kill(readopted["pid"], signal.SIGKILL)
+        again = wait_new_pid(stack, readopted["pid"])
+        result = reader_result(reader)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert not result["errors"], result
+    assert str(program) in _cmdline(again["pid"])[:2]
+    assert package_ver(again["api_socket"]) == f"nydusd-py {NEW_VERSION}"
+    assert is_mounted(Path(again["mountpoint"]))
+    print(f"\n[upgrade, snapshotter restart, kill -9] {program.name} respawned as pid {again['pid']}; "
+          f"longest reader op {result['max_pause'] * 1000:.0f} ms, no error")  # fmt: skip
