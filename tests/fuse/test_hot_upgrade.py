@@ -381,3 +381,60 @@ def test_nydus_daemon_upgrade_survives_a_snapshotter_restart(workdir: Path, stac
     assert is_mounted(Path(again["mountpoint"]))
     print(f"\n[upgrade, snapshotter restart, kill -9] {program.name} respawned as pid {again['pid']}; "
           f"longest reader op {result['max_pause'] * 1000:.0f} ms, no error")  # fmt: skip
+
+
+def test_nydus_daemon_upgrade_one_at_a_time_and_not_taken_for_a_death(workdir: Path) -> None:
+    """Through the `DaemonManager` with its liveness monitor on (shared daemon, two images): while
+    an upgrade runs (its new program starts slowly) a second one is refused (`UpgradeBusy`, the
+    controller's 409), and the old daemon's exit is not taken for a death: the only events are
+    ``upgraded``, no ``died`` / ``recovered``, and both images are served by the new process."""
+    import attrs
+    from test_nydusd_py_manager import _config, _meta
+
+    from nydus_core.daemon.manager import DaemonManager, UpgradeBusy
+    from nydus_core.hookspecs import hookimpl
+    from nydus_core.plugins import build_plugin_manager
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Recorder:
+        @hookimpl
+        def nydus_daemon_event(self, daemon: Any, event: str, detail: Any) -> None:
+            events.append((event, dict(detail)))
+
+    img = build_image(workdir / "build", FILES)
+    base = _config(workdir, img.blob_dir, "shared")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    pm = build_plugin_manager([Recorder()], entry_points=False, env={})
+    mgr = DaemonManager(config, pm)
+    slow_start = f'#!/bin/sh\nsleep 1.5\nexec {upgraded_nydusd(workdir)} "$@"\n'
+    slow = write_program(workdir / "nydusd-slow", slow_start)
+    try:
+        mgr.recover()
+        a = mgr.ensure_instance(_meta(workdir, "61", img), {})
+        b = mgr.ensure_instance(_meta(workdir, "62", img), {})
+        mgr.start_liveness_monitor(interval=0.5)
+        (daemon,) = mgr.daemons()
+        old_pid = daemon.pid
+        events.clear()
+        results: list[Any] = []
+        first = threading.Thread(target=lambda: results.append(mgr.upgrade(str(slow))))
+        first.start()
+        time.sleep(0.5)
+        with pytest.raises(UpgradeBusy, match="another daemon upgrade is running"):
+            mgr.upgrade(str(slow))
+        first.join(timeout=60)
+        time.sleep(1.5)  # the monitor had time to look at the exited old pid (pidfd) and sweep twice
+        (entry,) = results[0]
+        assert entry["old_pid"] == old_pid and entry["pid"] == daemon.pid != old_pid
+        assert [e for e, _ in events] == ["upgraded"], events
+        assert mgr.daemons() == [daemon] and daemon.program == str(slow)
+        assert mgr.store.get_daemon(daemon.id) == daemon  # persisted
+        for inst in (a, b):
+            assert (inst.mountpoint / "big").read_bytes() == BIG
+        with NydusdClient(daemon.api_socket) as c:
+            assert c.daemon_info().version["package_ver"] == f"nydusd-py {NEW_VERSION}"
+        mgr.release_unused(set())
+        pm.hook.nydus_daemon_stop(daemon=daemon)
+    finally:
+        mgr.close()
