@@ -172,6 +172,8 @@ def upgrade(
     t_exit = time.monotonic()
     _retire(daemon)
     t_gone = time.monotonic()
+    if daemon.api_socket != new.api_socket:  # a killed old daemon leaves it; clear it before a
+        daemon.api_socket.unlink(missing_ok=True)  # standby of the new program may be given the name
     # 5. start (INIT replay + RESEND), RUNNING, sendfd
     try:
         with NydusdClient(new.api_socket, timeout=STEP_TIMEOUT) as client:
@@ -187,11 +189,8 @@ def upgrade(
             "the fail-back failed too; the liveness monitor recovers it per recover_policy")
         raise UpgradeError(f"upgrade of daemon {daemon.id} to {program} failed after the old daemon "
                            f"exited ({e}); {where}") from e  # fmt: skip
-    old_socket = daemon.api_socket
     daemon.api_socket, daemon.pid = new.api_socket, new.pid
     daemon.program, daemon.version = program, new.version
-    if old_socket != daemon.api_socket:
-        old_socket.unlink(missing_ok=True)
     ms = [(time.monotonic() - t) * 1000 for t in (t0, t_exit)] + [(t_gone - t_exit) * 1000]
     log.info("daemon %s upgraded to %s (%s), pid %d on %s: %.0f ms in all; %.0f ms from exit to RUNNING "
              "(old daemon gone after %.0f ms)", daemon.id, program, daemon.version or "?", daemon.pid,
