@@ -185,6 +185,24 @@ def nydus_daemon_alive(daemon: DaemonRecord) -> bool | None:
 
 
 @hookspec(firstresult=True)
+def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
+    """Make a recorded daemon's ``pid`` name the process that really serves it, at start-up.
+
+    Called once per recorded daemon when the snapshotter starts, before `nydus_daemon_alive`. A
+    snapshotter killed in the middle of a recovery (failover or restart) leaves a replacement
+    process that was spawned but never recorded: the implementation finds the daemon's processes
+    (the default: by the API socket on their command line), sets ``daemon.pid`` to the one that
+    serves or will serve (the one bound to the API socket, else the newest), and stops the others,
+    so that no orphan survives. `nydus_daemon_recover` then drives an adopted replacement on
+    (takeover, start) instead of spawning another one.
+
+    :param daemon: the record as persisted; ``pid`` may be changed in place.
+    :return: ``True`` when ``daemon.pid`` changed (the manager persists it), ``False`` when it
+        already named the right process or none was found, ``None`` if not this plugin's daemon.
+    """
+
+
+@hookspec(firstresult=True)
 def nydus_daemon_stop(daemon: DaemonRecord) -> bool | None:
     """Stop a daemon and unmount what it serves.
 

@@ -8,9 +8,13 @@ Dedicated daemons get the image on the command line (``--config --bootstrap``); 
 daemon starts empty and receives images by ``POST /api/v1/mount``.
 
 Under ``recover_policy = "failover"`` the daemon also gets ``--supervisor --id``; once it is
-RUNNING it is told ``sendfd`` (its FUSE session goes to the snapshotter's supervisor), and when
-it dies a new one is spawned on the still-mounted mountpoint and driven ``takeover`` → ``start``
-instead of clearing the mount; if that fails the daemon is restarted as under ``restart``.
+RUNNING it is told ``sendfd`` (its FUSE session goes to the session holder), and when it dies a
+new one is spawned on the still-mounted mountpoint and driven ``takeover`` → ``start`` instead of
+clearing the mount; if that fails the daemon is restarted as under ``restart``.
+
+A snapshotter killed in the middle of that leaves a replacement nobody recorded: at the next
+start-up `reconcile` finds it by its command line (the API socket) and `failover` resumes it
+from the state it reached (INIT: takeover and start; READY: start; RUNNING: adopt).
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
 
+import attrs
+
 from nydus_core.config import SnapshotterConfig
 from nydus_core.daemon.client import (
     STATE_INIT,
+    STATE_READY,
     STATE_RUNNING,
     NydusdApiError,
     NydusdClient,
@@ -35,6 +44,7 @@ from nydus_core.daemon.client import (
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.daemon.mounts import is_mounted, umount_tree
 from nydus_core.errors import FailedPrecondition, Unavailable
+from nydus_core.faults import crash_point
 from nydus_core.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -140,6 +150,62 @@ def _is_our_daemon(pid: int, daemon: DaemonRecord) -> bool:
     return os.fsencode(str(daemon.api_socket)) in args
 
 
+def processes_of(daemon: DaemonRecord) -> list[int]:
+    """Every live process started for this daemon (its API socket is on the command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _is_our_daemon(int(entry), daemon) and not _exited(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def serving_pid(daemon: DaemonRecord) -> int | None:
+    """The pid bound to the daemon's API socket (``SO_PEERCRED``), ``None`` if nobody listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(daemon.api_socket))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def reconcile(daemon: DaemonRecord) -> bool:
+    """Point ``daemon.pid`` at the process that serves (or will serve) the daemon; kill the rest.
+
+    Several processes name the same API socket only after a recovery was interrupted: each
+    spawn unlinks the socket first, so the one bound to it is the latest; the others can no
+    longer be reached and would live on as orphans. True when ``daemon.pid`` changed.
+    """
+    procs = processes_of(daemon)
+    if not procs:
+        return False
+    keep = serving_pid(daemon)
+    if keep not in procs:
+        keep = daemon.pid if daemon.pid in procs else max(procs, key=_start_time)
+    for pid in procs:
+        if pid != keep:
+            log.warning("daemon %s: killing stale process %d (not bound to %s)", daemon.id, pid,
+                        daemon.api_socket)
+            terminate(attrs.evolve(daemon, pid=pid), grace=1.0)
+    changed = keep != daemon.pid
+    if changed:
+        log.warning("daemon %s: record named pid %d, the process serving it is %d", daemon.id, daemon.pid,
+                    keep)
+        daemon.pid = keep
+    return changed
+
+
 def terminate(daemon: DaemonRecord, grace: float = STOP_GRACE) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds; a process that is not ours is left alone."""
     pid = daemon.pid
@@ -198,30 +264,31 @@ def _send_fd(client: NydusdClient, daemon: DaemonRecord) -> None:
 
 
 def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig) -> bool:
-    """Spawn a replacement on the live mount and have it take the session over from the supervisor.
+    """Spawn a replacement on the live mount and have it take the session over from the holder.
 
-    No `clear_vestige`: the mount (held by the supervisor's fd) must stay. A replacement that
-    dies while it starts (a resent request that kills every daemon) is replaced again, at most
-    `FAILOVER_ATTEMPTS` times: nydusd-py's in-flight journal turns such a request into EIO after
-    three deaths, so the attempts end well before the limit. False when no takeover happened
-    (the caller then restarts the daemon).
+    No `clear_vestige`: the mount (held by the holder's fd) must stay. A replacement left by a
+    snapshotter that died mid-failover (``daemon.pid``, set by `reconcile`) is resumed first. A
+    replacement that dies while it starts (a resent request that kills every daemon) is replaced
+    again, at most `FAILOVER_ATTEMPTS` times: nydusd-py's in-flight journal turns such a request
+    into EIO after three deaths, so the attempts end well before the limit. False when no
+    takeover happened (the caller then restarts the daemon).
     """
     if daemon.supervisor_path is None or not daemon.supervisor_path.exists():
         return False
     t0 = time.monotonic()
+    if _resume(daemon):
+        log.info("daemon %s: resumed the interrupted failover of pid %d", daemon.id, daemon.pid)
+        return True
     terminate(daemon)  # a hung process that no longer answers
     dedicated = daemon.mode is DaemonMode.DEDICATED
     for attempt in range(1, FAILOVER_ATTEMPTS + 1):
         daemon.api_socket.unlink(missing_ok=True)
         daemon.pid = spawn(daemon, instances[0] if dedicated else None, config)
+        crash_point("failover-spawned")
         try:
             if not wait_ready(daemon, RECOVER_READY_TIMEOUT, STATE_INIT):
                 raise Unavailable(f"daemon {daemon.id} did not reach INIT")
-            with NydusdClient(daemon.api_socket, timeout=RECOVER_READY_TIMEOUT) as client:
-                client.takeover()
-                client.start()
-            if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
-                raise Unavailable(f"daemon {daemon.id} did not reach RUNNING after takeover")
+            _drive(daemon, STATE_INIT)
         except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
             died = _exited(daemon.pid)
             log.error("failover of daemon %s, attempt %d: %s", daemon.id, attempt, e)
@@ -235,6 +302,39 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
         return True
     log.error("daemon %s: %d replacements died in a row; giving failover up", daemon.id, FAILOVER_ATTEMPTS)
     return False
+
+
+def _drive(daemon: DaemonRecord, state: str) -> None:
+    """Take a replacement from `state` (INIT or READY) to RUNNING: takeover, start, sendfd."""
+    with NydusdClient(daemon.api_socket, timeout=RECOVER_READY_TIMEOUT) as client:
+        if state == STATE_INIT:
+            client.takeover()
+            crash_point("failover-taken-over")
+        client.start()
+    if not wait_ready(daemon, RECOVER_READY_TIMEOUT):
+        raise Unavailable(f"daemon {daemon.id} did not reach RUNNING after takeover")
+    crash_point("failover-started")
+
+
+def _resume(daemon: DaemonRecord) -> bool:
+    """Finish a failover a dead snapshotter began: ``daemon.pid`` is a live replacement of ours
+    in INIT (spawned), READY (took the session over) or RUNNING (serves, was not recorded)."""
+    pid = daemon.pid
+    if pid <= 0 or _exited(pid) or not _is_our_daemon(pid, daemon):
+        return False
+    try:
+        with NydusdClient(daemon.api_socket, timeout=3.0) as client:
+            state = client.state()
+        log.info("daemon %s: found replacement pid %d in state %s", daemon.id, pid, state)
+        if state == STATE_RUNNING:
+            return wait_ready(daemon, RECOVER_READY_TIMEOUT)  # sends its session to the holder
+        if state not in (STATE_INIT, STATE_READY):
+            return False
+        _drive(daemon, state)
+        return True
+    except (Unavailable, NydusdApiError, NydusdUnreachable, OSError) as e:
+        log.warning("daemon %s: cannot resume pid %d (%s); replacing it", daemon.id, pid, e)
+        return False
 
 
 def attach(daemon: DaemonRecord, instance: Instance) -> None:
@@ -300,6 +400,13 @@ def nydus_daemon_alive(daemon: DaemonRecord) -> bool | None:
             return client.state() == STATE_RUNNING
     except (NydusdUnreachable, NydusdApiError, OSError):
         return False
+
+
+@hookimpl
+def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
+    if not _mine(daemon):
+        return None
+    return reconcile(daemon)
 
 
 @hookimpl

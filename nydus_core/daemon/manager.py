@@ -27,7 +27,7 @@ import select
 import shutil
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,20 +35,23 @@ from typing import Any
 import pluggy
 
 from nydus_core.config import SnapshotterConfig
+from nydus_core.daemon.holder_client import HolderError, SessionHolder
 from nydus_core.daemon.ids import new_daemon_id
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.daemon.mounts import umount_tree
 from nydus_core.daemon.nydusd_config import build_config, load_template, write_private_json
 from nydus_core.daemon.store import DaemonStore
-from nydus_core.daemon.supervisor import Supervisors
 from nydus_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from nydus_core.faults import crash_point
 from nydus_core.snapshot.model import ImageSource
 
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 10.0
-# Crash-loop breaker of `failover`: more deaths than this within the window and the manager stops
-# taking the session over (it forgets the daemon as under `none`). The per-request breaker is in
-# the daemon (a request in flight at too many deaths is answered EIO); this one bounds the rest.
+# Crash-loop breaker of `failover` (defaults of the manager's parameters): more deaths than this
+# within the window and the manager stops taking the session over (it forgets the daemon as under
+# `none`). The per-request breaker is in the daemon (a request in flight at too many deaths is
+# answered EIO); this one bounds the rest.
 FAILOVER_MAX_DEATHS = 10
 FAILOVER_WINDOW = 60.0
 
@@ -104,7 +107,11 @@ class DaemonManager:
         pm: pluggy.PluginManager,
         *,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        failover_max_deaths: int = FAILOVER_MAX_DEATHS,
+        failover_window: float = FAILOVER_WINDOW,
     ) -> None:
+        """:param failover_max_deaths: under ``failover``, a daemon that dies more often than this
+            within `failover_window` seconds is given up (crash-loop breaker)."""
         self.config = config
         self.pm = pm
         self.root = Path(config.root)
@@ -123,15 +130,21 @@ class DaemonManager:
         self._daemons: dict[str, DaemonRecord] = {}
         self._instances: dict[str, Instance] = {}
         self._shared: DaemonRecord | None = None
-        # `failover`: one supervisor per daemon holds its FUSE session (fd + state) across deaths
-        self.supervisors = Supervisors(self.root) if config.daemon.recover_policy == "failover" else None
+        self.failover_max_deaths = failover_max_deaths
+        self.failover_window = failover_window
+        self._deaths: defaultdict[str, deque[float]] = defaultdict(deque)
+        # `failover`: the session holder (its own process, see holder.py) keeps each daemon's FUSE
+        # session (fd + state) across daemon deaths and across snapshotter restarts
+        self.supervisors = (
+            SessionHolder(self.root, log_file=Path(config.log_dir) / "session-holder.log")
+            if config.daemon.recover_policy == "failover"
+            else None
+        )
 
     def close(self) -> None:
-        """Stop the liveness monitor and close the database. Daemons keep running on purpose.
-
-        The supervisors close too: a daemon that dies while no snapshotter runs takes its
-        mount with it (ENOTCONN), as upstream's in-process supervisor does.
-        """
+        """Stop the liveness monitor and close the database. Daemons keep running on purpose,
+        and so does the session holder: a daemon that dies while no snapshotter runs keeps its
+        mount, and the next start-up fails it over."""
         self.stop_liveness_monitor()
         if self.supervisors is not None:
             self.supervisors.close()
@@ -228,8 +241,15 @@ class DaemonManager:
             log.warning("dropping the record of snapshot %s: its daemon %r is not recorded",
                         orphan.snapshot_id, orphan.daemon_id)
             self.store.delete_instance(orphan.snapshot_id)
+        self._reconcile_holder(daemons)
         for daemon in daemons:
             served = [i for i in instances if i.daemon_id == daemon.id]
+            if self.pm.hook.nydus_daemon_reconcile(daemon=daemon):
+                # a snapshotter died mid-failover (or mid-restart): the record now names the
+                # process that serves, or will serve, in place of the dead one
+                log.warning("daemon %s: adopted pid %d left by an interrupted recovery", daemon.id,
+                            daemon.pid)
+                self.store.save_daemon(daemon)
             try:
                 alive = self._hook_alive(daemon)
             except NoBackendError as e:
@@ -243,8 +263,47 @@ class DaemonManager:
             else:
                 self._handle_dead(daemon, served, reason="found dead at start-up")
 
+    def _reconcile_holder(self, daemons: Sequence[DaemonRecord]) -> None:
+        """Start-up: make the session holder agree with the records.
+
+        Under ``failover`` the holder is started if none answers, and sessions it keeps for
+        daemons that are not recorded (a snapshotter killed between forgetting a daemon and
+        telling the holder) are dropped after their mount is cleared. Under another policy an
+        idle holder left from an earlier ``failover`` configuration is told to exit.
+        """
+        if self.supervisors is None:
+            with contextlib.suppress(HolderError):
+                SessionHolder(self.root).shutdown()  # refused (and kept) while it holds a session
+            return
+        self.supervisors.ensure_running()
+        known = {d.id for d in daemons}
+        for daemon_id, info in self.supervisors.status().items():
+            if daemon_id in known:
+                continue
+            mnt = Path(str(info.get("mountpoint") or ""))
+            if info.get("has_session") and mnt.is_absolute() and self.root in mnt.parents:
+                log.warning("session holder keeps the session of unrecorded daemon %s: unmounting %s",
+                            daemon_id, mnt)
+                umount_tree(mnt)
+            self.supervisors.remove(daemon_id)
+
+    def _check_holder(self) -> None:
+        """The holder died (it should not): start a new one and have every live daemon send its
+        session again, so that the next daemon death can still be failed over."""
+        if self.supervisors is None or self.supervisors.pid() is not None:
+            return
+        log.error("the session holder of %s is gone: restarting it; live daemons re-send their sessions",
+                  self.root)
+        self.supervisors.ensure_running()
+        for daemon in self.daemons():
+            self._resupervise(daemon)
+
     def check_liveness(self) -> list[str]:
         """One sweep of the liveness check; dead daemons are handled per policy. Returns their ids."""
+        try:
+            self._check_holder()
+        except HolderError:
+            log.exception("cannot restart the session holder")
         dead = []
         for daemon in self.daemons():
             if not self._hook_alive(daemon) and self._recover_dead(daemon, reason="liveness check failed"):
@@ -429,15 +488,22 @@ class DaemonManager:
 
     def _handle_dead(self, daemon: DaemonRecord, served: Sequence[Instance], *, reason: str) -> None:
         self._event(daemon, "died", {"pid": daemon.pid, "reason": reason})
+        crash_point("failover-noticed")
         policy = self.config.daemon.recover_policy
         if policy == "failover":
-            sup = self.supervisors.get(daemon.id) if self.supervisors is not None else None
-            if sup is None or not sup.has_state:
+            held = False
+            if self.supervisors is not None:
+                try:
+                    held = self.supervisors.holds(daemon.id)
+                    self.supervisors.ensure(daemon.id)  # (re)starts a holder that went away
+                except HolderError as e:
+                    log.error("daemon %s: %s", daemon.id, e)
+            if not held:
                 log.warning("daemon %s has no supervised session to take over; restarting it", daemon.id)
                 policy = "restart"
-            elif (n := sup.note_death(FAILOVER_WINDOW)) > FAILOVER_MAX_DEATHS:
-                log.error("daemon %s died %d times within %gs: crash loop, giving failover up", daemon.id, n,
-                          FAILOVER_WINDOW)
+            elif (n := self.note_death(daemon.id)) > self.failover_max_deaths:
+                log.error("daemon %s died %d times within %gs (limit %d): crash loop, giving failover up "
+                          "and forgetting it", daemon.id, n, self.failover_window, self.failover_max_deaths)
                 policy = "none"
         if policy in ("restart", "failover"):
             try:
@@ -459,6 +525,20 @@ class DaemonManager:
                         daemon.id, policy, len(served))
         self._forget(daemon)
 
+    def note_death(self, daemon_id: str, now: float | None = None) -> int:
+        """Record one death of a daemon; how many happened within the last `failover_window` s.
+
+        Kept in the manager's memory: a snapshotter restart starts the count again, which at
+        worst allows `failover_max_deaths` more takeovers.
+        """
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            deaths = self._deaths[daemon_id]
+            deaths.append(t)
+            while deaths and deaths[0] < t - self.failover_window:
+                deaths.popleft()
+            return len(deaths)
+
     def _forget(self, daemon: DaemonRecord) -> None:
         """Clear what a dead daemon left (stop hook: no process, stale mounts) and drop its records."""
         try:
@@ -478,11 +558,17 @@ class DaemonManager:
             return self._meta_locks[meta_id]
 
     def _resupervise(self, daemon: DaemonRecord) -> None:
-        """After a snapshotter restart: a new supervisor, filled again by the live daemon (its
-        ready hook asks for ``sendfd``), as upstream's ``SendStates``."""
+        """After a snapshotter restart: make sure the holder keeps the live daemon's session; if
+        it does not (a new holder), the daemon sends it again (its ready hook asks for
+        ``sendfd``), as upstream's ``SendStates``."""
         if self.supervisors is None or daemon.supervisor_path is None:
             return
-        self.supervisors.ensure(daemon.id)
+        try:
+            if self.supervisors.ensure(daemon.id).has_state:
+                return
+        except HolderError:
+            log.exception("daemon %s: no session holder; it cannot be failed over", daemon.id)
+            return
         try:
             self._hook("nydus_daemon_wait_ready", daemon=daemon, timeout=self.ready_timeout)
         except Exception:
@@ -644,6 +730,8 @@ class DaemonManager:
     def _remove_daemon_dirs(self, daemon: DaemonRecord, *, keep_logs: bool = False) -> None:
         if self.supervisors is not None:
             self.supervisors.remove(daemon.id)  # after the stop hook: the mount is gone already
+        with self._lock:
+            self._deaths.pop(daemon.id, None)
         shutil.rmtree(daemon.config_dir, ignore_errors=True)
         shutil.rmtree(daemon.api_socket.parent, ignore_errors=True)
         if not keep_logs:
