@@ -6,8 +6,9 @@ each close sends FLUSH to the mount, and nobody serves it until that very child 
 
 ``python failover_reader.py MNT SHA256_OF_big SECONDS``: keeps ``big`` open and reads it whole
 (page cache dropped each pass), lists ``d`` and reads ``d/f7`` in another thread; prints a JSON
-summary ``{"errors", "ops", "max_pause"}``. ``python failover_reader.py --read PATH`` reads one
-file and prints ``{"errno"}`` (0 on success).
+summary ``{"errors", "ops", "max_pause"}``. An optional fourth argument names a file whose
+appearance ends the run early (SECONDS is then the upper bound). ``python failover_reader.py
+--read PATH`` reads one file and prints ``{"errno"}`` (0 on success).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ import threading
 import time
 
 
-def load(mnt: str, want: str, seconds: float) -> dict[str, object]:
-    stop = time.monotonic() + seconds
+def load(mnt: str, want: str, seconds: float, stop_file: str = "") -> dict[str, object]:
+    end = time.monotonic() + seconds
+
+    def running() -> bool:
+        return time.monotonic() < end and not (stop_file and os.path.exists(stop_file))
+
     errors: list[str] = []
     pauses = [0.0]
     names = sorted(f"f{i}" for i in range(10))
@@ -29,7 +34,7 @@ def load(mnt: str, want: str, seconds: float) -> dict[str, object]:
     def held() -> None:
         fd = os.open(os.path.join(mnt, "big"), os.O_RDONLY)
         try:
-            while time.monotonic() < stop:
+            while running():
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 t = time.monotonic()
                 data = os.pread(fd, 64 << 20, 0)
@@ -40,7 +45,7 @@ def load(mnt: str, want: str, seconds: float) -> dict[str, object]:
             os.close(fd)
 
     def fresh() -> None:
-        while time.monotonic() < stop:
+        while running():
             t = time.monotonic()
             got = sorted(os.listdir(os.path.join(mnt, "d")))
             with open(os.path.join(mnt, "d", "f7"), "rb") as f:
@@ -72,7 +77,8 @@ def main() -> None:
         except OSError as e:
             print(json.dumps({"errno": e.errno}))
         return
-    print(json.dumps(load(sys.argv[1], sys.argv[2], float(sys.argv[3]))))
+    stop_file = sys.argv[4] if len(sys.argv) > 4 else ""
+    print(json.dumps(load(sys.argv[1], sys.argv[2], float(sys.argv[3]), stop_file)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,243 @@
+"""The snapshotter itself is killed -9 in the middle of a failover; after its restart all is consistent.
+
+Real processes throughout: ``containerd-nydus-grpc`` (driven over its gRPC socket the way
+containerd would: claim the data blob, unpack and commit the bootstrap layer, prepare a
+container), ``nydusd-py`` serving a real FUSE mount, the session holder, and a reader process
+under load on the mount. With ``recover_policy = "failover"`` the daemon is killed -9; the
+snapshotter notices and, through the test-only ``NYDUS_SNAPSHOTTER_CRASH_AT`` fault injection
+(`nydus_core.faults`), kills itself at a named step of the failover. A second snapshotter is
+started on the same root without the fault, and then:
+
+* the reader never saw an error and read the right bytes (the session holder kept the FUSE
+  session, so the kernel queued the requests until a daemon served them again);
+* exactly one daemon process exists for the record, its pid is the recorded one, and no other
+  process of the test root is left (no orphan replacement);
+* one mount at the mountpoint; the system API (``/api/v1/daemons`` and ``/records``) names
+  that pid;
+* the session holder is the same process as before the crash, its sockets are 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fuse_helpers import nydusd_py
+from nydusd_helpers import Image, build_image
+
+from nydus_core.daemon.client import NydusdClient
+from nydus_core.daemon.holder_client import SessionHolder
+from nydus_core.faults import CRASH_ENV, STEPS
+from nydus_core.snapshot import labels as L
+from nydus_core.testing.client import SnapshotterClient
+from nydus_core.testing.services import NydusSnapshotter, unmount_below, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
+
+READER = Path(__file__).with_name("failover_reader.py")
+REF = "localhost/test/crash:latest"
+BIG = os.urandom((2 << 20) + 4321)
+FILES = {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
+
+
+def live_pids_mentioning(text: str) -> list[int]:
+    """Processes (not zombies, not this one) whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        found.append(int(entry))
+    return found
+
+
+def mount_count(path: Path) -> int:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f].count(str(path))
+
+
+class Stack:
+    """A snapshotter root with a nydus image committed, and the snapshotter process serving it."""
+
+    def __init__(self, workdir: Path, image: Image) -> None:
+        self.workdir = workdir
+        self.image = image
+        self.root = workdir / "root"
+        self.address = workdir / "nydus.sock"
+        template = workdir / "nydusd.json"
+        template.write_text(json.dumps({
+            "device": {"backend": {"type": "localfs", "config": {"dir": str(image.blob_dir)}},
+                       "cache": {"type": "blobcache", "config": {"work_dir": ""}}},
+            "mode": "direct", "digest_validate": False, "fs_prefetch": {"enable": False},
+        }))  # fmt: skip
+        self.system = workdir / "system.sock"
+        self.config = workdir / "config.toml"
+        self.config.write_text(
+            "version = 1\n"
+            'daemon_mode = "dedicated"\n'
+            "[system]\nenable = true\n"
+            f'address = "{self.system}"\n'
+            "[daemon]\n"
+            f'nydusd_path = "{nydusd_py()}"\n'
+            f'nydusd_config = "{template}"\n'
+            'recover_policy = "failover"\n'
+        )
+
+    def snapshotter(self, env: dict[str, str] | None = None) -> NydusSnapshotter:
+        return NydusSnapshotter(self.workdir, self.address, root=self.root,
+                                extra_args=["--config", str(self.config)], env=env,
+                                system_address=self.system, log_level="info")  # fmt: skip
+
+    def pull_and_prepare(self) -> Path:
+        """What containerd does for a nydus image and one container; the daemon's mountpoint."""
+        with SnapshotterClient(self.address) as c:
+            cri = {L.CRI_IMAGE_REF: REF}
+            with pytest.raises(grpc.RpcError) as err:
+                c.prepare("extract-1 sha256:blob", "",
+                          {L.TARGET_SNAPSHOT_REF: "sha256:blob", L.NYDUS_BLOB: "true", **cri})  # fmt: skip
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            meta_labels = {L.TARGET_SNAPSHOT_REF: "sha256:meta", L.NYDUS_BOOTSTRAP: "true", **cri}
+            mounts = c.prepare("extract-2 sha256:meta", "sha256:blob", meta_labels)
+            upper = next(Path(o.split("=", 1)[1]) for m in mounts for o in m.options
+                         if o.startswith("upperdir="))  # fmt: skip
+            boot = upper / "image" / "image.boot"
+            boot.parent.mkdir(parents=True)
+            shutil.copyfile(self.image.bootstrap, boot)
+            c.commit("sha256:meta", "extract-2 sha256:meta", meta_labels)
+            mounts = c.prepare("container-1", "sha256:meta")
+        lower = next(o.split("=", 1)[1] for o in mounts[0].options if o.startswith("lowerdir="))
+        mnt = Path(lower.split(":")[0])
+        assert mnt == upper.parent / "mnt", mounts
+        return mnt
+
+    def release(self) -> None:
+        with SnapshotterClient(self.address) as c:
+            for key in ("container-1", "sha256:meta", "sha256:blob"):
+                c.remove(key)
+            c.cleanup()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nysc-", dir="/tmp"))  # short: unix socket paths
+    yield d
+    for pid in live_pids_mentioning(str(d)):  # snapshotter, daemons, holder of this test only
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    unmount_below(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[Image]:
+    d = Path(tempfile.mkdtemp(prefix="nysc-img-", dir="/tmp"))
+    yield build_image(d, FILES)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _daemon_state(api_socket: Path) -> str:
+    try:
+        with NydusdClient(api_socket, timeout=2) as c:
+            return c.state()
+    except Exception as e:  # reported in the assertion message
+        return f"unreachable: {e}"
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_snapshotter_killed_during_failover(step: str, workdir: Path, image: Image) -> None:
+    stack = Stack(workdir, image)
+    snap = stack.snapshotter(env={CRASH_ENV: step})
+    snap.start()
+    reader = None
+    try:
+        mnt = stack.pull_and_prepare()
+        (daemon,) = snap.system_get("/api/v1/daemons")
+        holder = SessionHolder(stack.root)
+        holder_pid = holder.pid()
+        assert holder_pid is not None and holder.holds(daemon["id"])
+        for sock in (holder.control, Path(daemon["supervisor_path"])):
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
+        api_socket = Path(daemon["api_socket"])
+
+        stop_file = workdir / "stop-reader"
+        want = hashlib.sha256(BIG).hexdigest()
+        reader = subprocess.Popen([sys.executable, str(READER), str(mnt), want, "120", str(stop_file)],
+                                  stdout=subprocess.PIPE)  # fmt: skip
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.kill(daemon["pid"], signal.SIGKILL)
+        assert snap._proc is not None and snap._proc._proc is not None
+        snap._proc._proc.wait(timeout=30)  # the fault injection killed it at `step`
+        crashed_at = time.monotonic() - t0
+        assert f"killing the snapshotter at step {step}" in snap.log_tail()
+        left = live_pids_mentioning(str(api_socket))
+        snap.kill9()  # reap and close its log
+
+        again = stack.snapshotter()
+        again.start()
+        restarted = time.monotonic() - t0
+        wait_until(lambda: _daemon_state(api_socket) == "RUNNING", 30, "the daemon to serve again")
+        time.sleep(0.5)  # the reader goes on against the new daemon
+        stop_file.touch()
+        out, _ = reader.communicate(timeout=60)
+        result: dict[str, Any] = json.loads(out)
+        reader = None
+
+        # the reader saw no error: the holder kept the session through both crashes
+        assert not result["errors"], result
+        # exactly one daemon process, and it is the one recorded and reported
+        procs = live_pids_mentioning(str(api_socket))
+        (listed,) = again.system_get("/api/v1/daemons")
+        (record,) = again.system_get("/api/v1/daemons/records")
+        assert listed["id"] == record["id"] == daemon["id"]
+        assert procs == [listed["pid"]] == [record["pid"]], (procs, listed, record, again.log_tail())
+        assert listed["pid"] != daemon["pid"]
+        if step == "failover-noticed":
+            assert left == []  # nothing was spawned yet: the new snapshotter spawned the replacement
+        else:
+            assert procs[0] in left, (left, procs)  # the replacement found at start-up was adopted
+        # no orphans: the test root's processes are the snapshotter, the holder and the daemon
+        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid, holder_pid, *procs]), \
+            again.log_tail()
+        assert mount_count(mnt) == 1
+        assert (mnt / "d" / "f7").read_bytes() == b"7" * 7
+        # the same holder serves the new snapshotter, and it holds the new daemon's session again
+        assert holder.pid() == holder_pid and holder.holds(daemon["id"])
+        print(f"\n[snapshotter kill -9 at {step}] crashed {crashed_at:.2f}s after the daemon kill, "
+              f"serving again {restarted:.2f}s after it; reader: {result['ops']} ops, longest "
+              f"{result['max_pause'] * 1000:.0f} ms, no error; stale processes at the crash: {left}")
+
+        stack.release()
+        assert not live_pids_mentioning(str(api_socket)) and mount_count(mnt) == 0
+        assert daemon["id"] not in holder.status()
+        again.stop()
+        assert holder.pid() == holder_pid  # the holder outlives a graceful stop too
+        assert holder.shutdown()
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        snap.kill9()
