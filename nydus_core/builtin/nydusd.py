@@ -197,13 +197,30 @@ def reconcile(daemon: DaemonRecord) -> bool:
         if pid != keep:
             log.warning("daemon %s: killing stale process %d (not bound to %s)", daemon.id, pid,
                         daemon.api_socket)
-            terminate(attrs.evolve(daemon, pid=pid), grace=1.0)
+            kill_now(attrs.evolve(daemon, pid=pid))
     changed = keep != daemon.pid
     if changed:
         log.warning("daemon %s: record named pid %d, the process serving it is %d", daemon.id, daemon.pid,
                     keep)
         daemon.pid = keep
     return changed
+
+
+def kill_now(daemon: DaemonRecord) -> None:
+    """SIGKILL a process of ours and wait until it is gone.
+
+    For a process being replaced under ``failover``: a graceful stop would unmount the mount
+    (nydusd's SIGTERM behaviour) or unlink the API socket that its successor now owns, while
+    the session is safe in the holder whatever happens to the process.
+    """
+    pid = daemon.pid
+    if pid <= 0 or _exited(pid) or not _is_our_daemon(pid, daemon):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE
+    while not _exited(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def terminate(daemon: DaemonRecord, grace: float = STOP_GRACE) -> None:
@@ -279,7 +296,7 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
     if _resume(daemon):
         log.info("daemon %s: resumed the interrupted failover of pid %d", daemon.id, daemon.pid)
         return True
-    terminate(daemon)  # a hung process that no longer answers
+    kill_now(daemon)  # a hung process that no longer answers (SIGTERM would unmount)
     dedicated = daemon.mode is DaemonMode.DEDICATED
     for attempt in range(1, FAILOVER_ATTEMPTS + 1):
         daemon.api_socket.unlink(missing_ok=True)
@@ -292,7 +309,7 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
         except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
             died = _exited(daemon.pid)
             log.error("failover of daemon %s, attempt %d: %s", daemon.id, attempt, e)
-            terminate(daemon)
+            kill_now(daemon)
             if died:
                 continue  # it died serving: the journal has counted what was in flight
             return False

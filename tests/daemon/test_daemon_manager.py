@@ -413,6 +413,55 @@ def test_nydus_daemon_recover(
         cmdline_expected(root, daemon, image.bootstrap)
 
 
+def test_nydus_daemon_reconcile(
+    root: Path,
+    make_config: MakeConfig,
+    make_image: MakeImage,
+    pm: pluggy.PluginManager,
+    events: EventRecorder,
+) -> None:
+    """A snapshotter killed mid-recovery left two unrecorded replacements: the one bound to the
+    API socket is adopted (record, and no respawn), the stale one is killed (no orphan)."""
+    config = make_config("dedicated", recover_policy="restart")
+    mgr = DaemonManager(config, pm)
+    image = make_image("95")
+    inst = mgr.ensure_instance(image, image.labels)
+    daemon = mgr.daemon(inst.daemon_id)
+    assert daemon is not None
+    dead = daemon.pid
+    mgr.close()
+    kill9(dead)
+    # two spawns the dead snapshotter never recorded; each spawn takes the API socket over
+    stale = daemon.pid = nydusd_hooks.spawn(daemon, inst, config)
+    assert nydusd_hooks.wait_ready(daemon, 10)
+    serving = daemon.pid = nydusd_hooks.spawn(daemon, inst, config)
+    assert nydusd_hooks.wait_ready(daemon, 10)
+    record = DaemonStore(root / "nydus.db").get_daemon(daemon.id)
+    assert record is not None and record.pid == dead
+    assert pm.hook.nydus_daemon_reconcile(daemon=record) is True
+    assert record.pid == serving
+    assert not pid_alive(stale) and pid_alive(serving)
+    assert pm.hook.nydus_daemon_reconcile(daemon=record) is False  # already right
+    # at start-up the manager does the same and persists it: adopted, nothing respawned
+    mgr2 = DaemonManager(config, pm)
+    events.events.clear()
+    mgr2.recover()
+    d2 = mgr2.daemon(daemon.id)
+    assert d2 is not None and d2.pid == serving
+    assert mgr2.store.get_daemon(daemon.id) == d2
+    assert events.names(daemon.id) == []
+    assert [p for p in pids_mentioning(str(daemon.api_socket)) if pid_alive(p)] == [serving]
+    # no process at all: nothing to adopt; another driver: not ours
+    kill9(serving)
+    assert pm.hook.nydus_daemon_reconcile(daemon=d2) is False and d2.pid == serving
+    other = DaemonRecord(
+        id="x", fs_driver="virtiofs-xyz", mode=DaemonMode.SHARED, api_socket=root / "none.sock",
+        mountpoint=root / "m", config_dir=root / "c", log_dir=root / "l",
+    )  # fmt: skip
+    assert pm.hook.nydus_daemon_reconcile(daemon=other) is None
+    mgr2.close()
+
+
 def cmdline_expected(root: Path, daemon: DaemonRecord, bootstrap: Path) -> list[str]:
     return [
         "fuse", "--config", str(root / "config" / daemon.id / "config.json"), "--bootstrap", str(bootstrap),

@@ -222,3 +222,85 @@ def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
             load.kill()
             load.wait()
         mgr.close()
+
+
+def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """The manager-level breaker: a daemon that keeps dying (killed -9 as soon as it serves) is
+    failed over `failover_max_deaths` times within the window, and the next death gives failover
+    up: the daemon is forgotten as under ``none`` (records, holder session and mount gone; a
+    reader still on the mount would now get ENOTCONN, a new Prepare starts a fresh daemon), with
+    one clear log line, and nothing is respawned afterwards."""
+    img = build_image(root / "build", {"big": BIG})
+    base = _config(root, img.blob_dir, "dedicated")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(config, pm, failover_max_deaths=2, failover_window=600.0)
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "61", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None and mgr.supervisors is not None
+        api_socket = daemon.api_socket
+        pids = [daemon.pid]
+        for _ in range(2):  # within the limit: failed over each time
+            os.kill(pids[-1], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert mgr.check_liveness() == [daemon.id]
+            d = mgr.daemon(daemon.id)
+            assert d is not None and d.pid not in pids and pm.hook.nydus_daemon_alive(daemon=d)
+            pids.append(d.pid)
+            daemon = d
+        assert (inst.mountpoint / "big").read_bytes() == BIG
+        os.kill(pids[-1], signal.SIGKILL)  # the third death within the window
+        deadline = time.monotonic() + 10
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with caplog.at_level("ERROR", logger="nydus_core.daemon.manager"):
+            assert mgr.check_liveness() == [daemon.id]
+        assert any("died 3 times within 600s (limit 2): crash loop, giving failover up" in r.getMessage()
+                   for r in caplog.records), caplog.text  # fmt: skip
+        assert mgr.daemon(daemon.id) is None and mgr.get_instance("61") is None
+        assert mgr.store.get_daemon(daemon.id) is None and mgr.store.list_instances() == []
+        assert not is_mounted(inst.mountpoint)
+        assert daemon.id not in mgr.supervisors.status()
+        # no respawn now or at the next sweeps
+        assert mgr.check_liveness() == [] and mgr.check_liveness() == []
+        alive = [p for p in _pids_mentioning(str(api_socket)) if _alive(p)]
+        assert alive == [], alive
+        # a new container of the image gets a fresh daemon (and a fresh death count)
+        again = mgr.ensure_instance(_meta_again(root, "61"), {})
+        assert again.daemon_id != daemon.id and (again.mountpoint / "big").read_bytes() == BIG
+        mgr.release_unused(set())
+    finally:
+        mgr.close()
+
+
+def _meta_again(snapshotter_root: Path, meta_id: str) -> Any:
+    """The meta snapshot of `meta_id` as it is still on disk (the snapshot outlives its daemon)."""
+    from nydus_core.snapshot import labels as L
+    from nydus_core.snapshot.model import ImageSource
+
+    boot = snapshotter_root / "snapshots" / meta_id / "fs" / "image" / "image.boot"
+    ref = "localhost/test/img:latest"
+    return ImageSource(format="nydus", meta_id=meta_id, bootstrap=boot, image_ref=ref,
+                       labels={L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: ref})  # fmt: skip
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
