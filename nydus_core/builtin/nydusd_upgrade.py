@@ -13,8 +13,9 @@ supervisor holds (``recover_policy = "failover"``):
    one had read but not answered -- ``pyfuse3.terminate`` can drop one request -- is queued again),
    then reports ``RUNNING`` and, being supervised, is told ``sendfd`` in turn.
 
-Readers only see a pause between 4 and 5; we wait until the old process is *gone* before 5, so
-the RESEND cannot race a request the old daemon is still reading.
+Readers only see a pause between 4 and 5. Before 5 we wait until the old process has closed its
+``/dev/fuse`` fds (seen in ``/proc/<pid>/fd``), so the RESEND cannot race a request the old
+daemon is still reading; its interpreter's teardown (and the reaping) happens after 5.
 
 Failure before step 4 kills the new process and leaves the old daemon serving (an `UpgradeError`
 that says so). Failure after it (the new program dies while starting) fails the session back to
@@ -106,9 +107,34 @@ def _discard(new: DaemonRecord) -> None:
     new.api_socket.unlink(missing_ok=True)
 
 
+def holds_fuse_device(pid: int) -> bool:
+    """Whether process `pid` has ``/dev/fuse`` open (a zombie or a gone process has nothing open)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+    return False
+
+
+def _wait_off_device(pid: int, timeout: float) -> bool:
+    """Wait until `pid` has closed its ``/dev/fuse`` fds (or is gone): from then on it reads no
+    request, so the new daemon's RESEND cannot race it. Sooner than the process's exit by the
+    interpreter's teardown."""
+    deadline = time.monotonic() + timeout
+    while holds_fuse_device(pid) and not nydusd._exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def _retire(old: DaemonRecord) -> None:
-    """Step 4: the old daemon exits without unmounting; SIGKILL if it does not go in time
-    (harmless then: the supervisor and the new daemon hold the session, RESEND follows)."""
+    """Step 4: the old daemon leaves without unmounting; SIGKILL if it does not let go of the
+    session in time (harmless then: the supervisor and the new daemon hold it, RESEND follows)."""
     try:
         with NydusdClient(old.api_socket, timeout=STEP_TIMEOUT) as client:
             client.exit()
@@ -116,8 +142,9 @@ def _retire(old: DaemonRecord) -> None:
         log.warning("daemon %s (pid %d) refused exit (%s); killing it", old.id, old.pid, e)
         _kill(old)
         return
-    if not _wait_gone(old.pid, EXIT_TIMEOUT):
-        log.warning("daemon %s (pid %d) did not exit within %gs; killing it", old.id, old.pid, EXIT_TIMEOUT)
+    if not _wait_off_device(old.pid, EXIT_TIMEOUT):
+        log.warning("daemon %s (pid %d) still serves %gs after exit; killing it", old.id, old.pid,
+                    EXIT_TIMEOUT)  # fmt: skip
         _kill(old)
 
 
@@ -171,13 +198,18 @@ def upgrade(
     # 4. the old daemon goes; from here on the new one must serve
     t_exit = time.monotonic()
     _retire(daemon)
-    t_gone = time.monotonic()
-    if daemon.api_socket != new.api_socket:  # a killed old daemon leaves it; clear it before a
-        daemon.api_socket.unlink(missing_ok=True)  # standby of the new program may be given the name
-    # 5. start (INIT replay + RESEND), RUNNING, sendfd
+    t_off = time.monotonic()
+    # 5. start (INIT replay + RESEND), then RUNNING and sendfd
     try:
         with NydusdClient(new.api_socket, timeout=STEP_TIMEOUT) as client:
             client.start()
+        t_start = time.monotonic()
+        # Off the readers' path: the old process finishes leaving (reaped if it is our child) and
+        # its socket goes before RUNNING, where a standby of the new program may be given its name.
+        if not _wait_gone(daemon.pid, EXIT_TIMEOUT):
+            _kill(daemon)
+        if daemon.api_socket != new.api_socket:
+            daemon.api_socket.unlink(missing_ok=True)
         if not nydusd.wait_ready(new, STEP_TIMEOUT):
             raise Unavailable(f"{program} (pid {new.pid}) did not reach RUNNING after start")
     except Exception as e:
@@ -191,10 +223,10 @@ def upgrade(
                            f"exited ({e}); {where}") from e  # fmt: skip
     daemon.api_socket, daemon.pid = new.api_socket, new.pid
     daemon.program, daemon.version = program, new.version
-    ms = [(time.monotonic() - t) * 1000 for t in (t0, t_exit)] + [(t_gone - t_exit) * 1000]
-    log.info("daemon %s upgraded to %s (%s), pid %d on %s: %.0f ms in all; %.0f ms from exit to RUNNING "
-             "(old daemon gone after %.0f ms)", daemon.id, program, daemon.version or "?", daemon.pid,
-             daemon.api_socket, *ms)  # fmt: skip
+    ms = [(t - t_exit) * 1000 for t in (t_off, t_start)] + [(time.monotonic() - t0) * 1000]
+    log.info("daemon %s upgraded to %s (%s), pid %d on %s: exit -> old daemon off the device %.0f ms -> "
+             "new one started %.0f ms (readers' pause); %.0f ms in all", daemon.id, program,
+             daemon.version or "?", daemon.pid, daemon.api_socket, *ms)  # fmt: skip
 
 
 @hookimpl
