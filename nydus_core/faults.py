@@ -12,6 +12,13 @@ Steps (in the order a failover passes them):
 * ``failover-spawned``: a replacement process was spawned, not recorded, not yet driven;
 * ``failover-taken-over``: the replacement took the FUSE session over (READY), ``start`` not sent;
 * ``failover-started``: the replacement serves (RUNNING), the record still names the dead pid.
+
+And in the order a hot upgrade passes them (`nydus_core.builtin.nydusd_upgrade`):
+
+* ``upgrade-spawned``: the new program waits in INIT on the next API socket, unrecorded;
+* ``upgrade-taken-over``: it took the session over (READY); the old daemon still serves;
+* ``upgrade-old-exited``: the old daemon has let go of the session, the new one was not started;
+* ``upgrade-started``: the new one serves (RUNNING), the record still names the old daemon.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CRASH_ENV = "NYDUS_SNAPSHOTTER_CRASH_AT"
 STEPS = ("failover-noticed", "failover-spawned", "failover-taken-over", "failover-started")
+UPGRADE_STEPS = ("upgrade-spawned", "upgrade-taken-over", "upgrade-old-exited", "upgrade-started")
 
 
 def crash_point(step: str) -> None:

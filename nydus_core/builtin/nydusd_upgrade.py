@@ -49,6 +49,7 @@ from nydus_core.daemon.client import (
 )
 from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.errors import FailedPrecondition, Unavailable
+from nydus_core.faults import crash_point
 from nydus_core.hookspecs import hookimpl
 
 from . import nydusd
@@ -185,6 +186,7 @@ def upgrade(
         new.pid = nydusd.spawn(new, instances[0] if dedicated else None, config, ["--upgrade"])
         if not nydusd.wait_ready(new, STEP_TIMEOUT, STATE_INIT):
             raise Unavailable(f"{program} (pid {new.pid}) did not reach INIT within {STEP_TIMEOUT:g}s")
+        crash_point("upgrade-spawned")
         if not version_matches(version, new.version):
             raise FailedPrecondition(f"{program} reports version {new.version!r}, not {version!r}")
         # 3. takeover
@@ -192,6 +194,7 @@ def upgrade(
             client.takeover()
         if not nydusd.wait_ready(new, STEP_TIMEOUT, STATE_READY):
             raise Unavailable(f"{program} (pid {new.pid}) did not reach READY after takeover")
+        crash_point("upgrade-taken-over")
     except Exception as e:
         _discard(new)
         raise UpgradeError(f"upgrade of daemon {daemon.id} to {program} failed, {keeps}: {e}") from e
@@ -199,6 +202,7 @@ def upgrade(
     t_exit = time.monotonic()
     _retire(daemon)
     t_off = time.monotonic()
+    crash_point("upgrade-old-exited")
     # 5. start (INIT replay + RESEND), then RUNNING and sendfd
     try:
         with NydusdClient(new.api_socket, timeout=STEP_TIMEOUT) as client:
@@ -212,6 +216,7 @@ def upgrade(
             daemon.api_socket.unlink(missing_ok=True)
         if not nydusd.wait_ready(new, STEP_TIMEOUT):
             raise Unavailable(f"{program} (pid {new.pid}) did not reach RUNNING after start")
+        crash_point("upgrade-started")
     except Exception as e:
         _discard(new)
         log.error("daemon %s: %s died starting after the old daemon left (%s); failing back to %s",
@@ -227,6 +232,55 @@ def upgrade(
     log.info("daemon %s upgraded to %s (%s), pid %d on %s: exit -> old daemon off the device %.0f ms -> "
              "new one started %.0f ms (readers' pause); %.0f ms in all", daemon.id, program,
              daemon.version or "?", daemon.pid, daemon.api_socket, *ms)  # fmt: skip
+
+
+def stray_generations(daemon: DaemonRecord) -> list[int]:
+    """Live processes of an upgrade that did not finish: started on another ``api<N>.sock`` of the
+    daemon's socket directory than the recorded one (a warm standby never has such a name)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--apisock" not in args or args.index(b"--apisock") + 1 >= len(args):
+            continue
+        sock = Path(os.fsdecode(args[args.index(b"--apisock") + 1]))
+        if (sock.parent == daemon.api_socket.parent and sock != daemon.api_socket
+                and re.fullmatch(r"api\d+\.sock", sock.name) and not nydusd._exited(int(entry))):  # fmt: skip
+            found.append(int(entry))
+    return found
+
+
+@hookimpl(tryfirst=True)
+def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
+    """Start-up, before the default reconcile: a snapshotter killed during a hot upgrade leaves the
+    new program's process unrecorded (its record changes only at the end). It is killed -- the
+    session is safe in the supervisor, and the record's daemon, or its failover to the *old*
+    program, serves -- so an interrupted upgrade is rolled back, never half done. Returns
+    ``None`` so that the default implementation still runs."""
+    if daemon.fs_driver != nydusd.FS_DRIVER:
+        return None
+    for pid in stray_generations(daemon):
+        sock = _socket_of(pid)
+        log.warning("daemon %s: killing pid %d (on %s) left by an interrupted hot upgrade", daemon.id, pid,
+                    sock)  # fmt: skip
+        if sock is not None:
+            _kill(attrs.evolve(daemon, api_socket=sock, pid=pid))
+            sock.unlink(missing_ok=True)
+    return None
+
+
+def _socket_of(pid: int) -> Path | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        return Path(os.fsdecode(args[args.index(b"--apisock") + 1]))
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @hookimpl

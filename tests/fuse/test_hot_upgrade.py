@@ -35,6 +35,7 @@ from nydusd_helpers import Image, build_image
 
 from nydus_core.daemon.client import NydusdClient
 from nydus_core.daemon.mounts import is_mounted
+from nydus_core.faults import CRASH_ENV, UPGRADE_STEPS
 from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import NydusSnapshotter, unmount_below
@@ -118,7 +119,9 @@ def nydusd_dying_at_start(workdir: Path) -> Path:
 class Stack:
     """The snapshotter (failover, system socket) serving one image to one prepared container."""
 
-    def __init__(self, workdir: Path, mode: str, recover_policy: str = "failover") -> None:
+    def __init__(
+        self, workdir: Path, mode: str, recover_policy: str = "failover", env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.image: Image = build_image(workdir / "img", FILES)
         template = workdir / "nydusd-config.json"
@@ -134,10 +137,15 @@ class Stack:
             f'[daemon]\nnydusd_path = "{nydusd_py()}"\nnydusd_config = "{template}"\n'
             f'recover_policy = "{recover_policy}"\n'
         )
-        self.snap = NydusSnapshotter(workdir / "s", workdir / "s" / "grpc.sock", root=workdir / "r",
-                                     extra_args=["--config", str(config)], system_address=system)  # fmt: skip
+        self.config, self.system = config, system
+        self.snap = self.snapshotter(env)
         self.snap.start()
         self.client = SnapshotterClient(self.snap.address)
+
+    def snapshotter(self, env: dict[str, str] | None = None) -> NydusSnapshotter:
+        return NydusSnapshotter(self.workdir / "s", self.workdir / "s" / "grpc.sock", root=self.workdir / "r",
+                                extra_args=["--config", str(self.config)], system_address=self.system,
+                                env=env)  # fmt: skip
 
     def serve_image(self) -> Path:
         """Pull (as containerd would: skip the blob, unpack the bootstrap) and prepare a container;
@@ -149,8 +157,11 @@ class Stack:
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
         meta_labels = {L.TARGET_SNAPSHOT_REF: "sha256:meta", L.NYDUS_BOOTSTRAP: "true", **cri}
         (m,) = self.client.prepare("extract-2 sha256:meta", "sha256:blob", meta_labels)
-        upper = m.source if m.type == "bind" else next(
-            o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+        upper = (
+            m.source
+            if m.type == "bind"
+            else next(o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+        )
         boot = Path(upper) / "image" / "image.boot"
         boot.parent.mkdir(parents=True)
         shutil.copyfile(self.image.bootstrap, boot)
@@ -173,8 +184,8 @@ class Stack:
 def stack_factory(workdir: Path) -> Iterator[Any]:
     made: list[Stack] = []
 
-    def make(mode: str, recover_policy: str = "failover") -> Stack:
-        made.append(Stack(workdir, mode, recover_policy))
+    def make(mode: str, recover_policy: str = "failover", env: dict[str, str] | None = None) -> Stack:
+        made.append(Stack(workdir, mode, recover_policy, env))
         return made[-1]
 
     yield make
@@ -213,9 +224,16 @@ class MountWatch:
         self._thread.join()
 
 
-def start_reader(mnt: Path, seconds: float) -> subprocess.Popen[bytes]:
+def start_reader(mnt: Path, seconds: float, stop_file: Path | None = None) -> subprocess.Popen[bytes]:
     want = hashlib.sha256(BIG).hexdigest()
-    argv = [sys.executable, str(READER), str(mnt), want, str(seconds)]
+    argv = [
+        sys.executable,
+        str(READER),
+        str(mnt),
+        want,
+        str(seconds),
+        *([str(stop_file)] if stop_file else []),
+    ]
     return subprocess.Popen(argv, stdout=subprocess.PIPE)
 
 
@@ -438,3 +456,60 @@ def test_nydus_daemon_upgrade_one_at_a_time_and_not_taken_for_a_death(workdir: P
         pm.hook.nydus_daemon_stop(daemon=daemon)
     finally:
         mgr.close()
+
+
+@pytest.mark.parametrize("step", UPGRADE_STEPS)
+def test_nydus_daemon_upgrade_interrupted_by_a_snapshotter_crash(
+    step: str, workdir: Path, stack_factory: Any
+) -> None:
+    """The snapshotter is killed -9 at each step of a hot upgrade (test-only fault injection); its
+    restart rolls the upgrade back: the new program's process is killed, the old daemon serves
+    (or, once it had left, a failover to the *old* program does), one daemon process = record =
+    system API, one mount, and the reader never sees an error."""
+    stack: Stack = stack_factory("dedicated", env={CRASH_ENV: step})
+    mnt = stack.serve_image()
+    before = stack.daemon()
+    sockets = Path(before["api_socket"]).parent
+    program = upgraded_nydusd(workdir)
+    stop_file = workdir / "stop-reader"
+    reader = start_reader(mnt, 120, stop_file)
+    try:
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):  # the snapshotter dies under the request
+            status, _ = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(program)})
+            assert status == 0, "the upgrade answered although the snapshotter was to die"
+        assert stack.snap._proc is not None and stack.snap._proc._proc is not None
+        stack.snap._proc._proc.wait(timeout=30)
+        assert f"killing the snapshotter at step {step}" in stack.snap.log_tail()
+        stray = [
+            p for p in _pids_mentioning(str(sockets)) if _alive(p) and str(program) in " ".join(_cmdline(p))
+        ]
+        stack.snap.kill9()  # reap it
+        stack.snap = stack.snapshotter()
+        stack.snap.start()
+        after = wait_new_pid(stack, -1)
+        time.sleep(0.5)  # the reader goes on against whatever serves now
+        stop_file.touch()
+        result = reader_result(reader)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert not result["errors"], result
+    assert stray, "the new program was not running when the snapshotter died"
+    procs = [p for p in _pids_mentioning(str(sockets)) if _alive(p)]
+    (record,) = stack.snap.system_get("/api/v1/daemons/records")
+    assert procs == [after["pid"]] == [record["pid"]], (procs, after, record, stack.snap.log_tail())
+    assert record["program"] == str(nydusd_py()) and str(program) not in " ".join(_cmdline(after["pid"]))
+    assert package_ver(after["api_socket"]) == "nydusd-py 0.1.0"
+    if step in ("upgrade-spawned", "upgrade-taken-over"):
+        assert after["pid"] == before["pid"]  # the old daemon never stopped serving
+    else:
+        assert after["pid"] != before["pid"] and not _alive(before["pid"])  # failed over to the old program
+    assert after["api_socket"] == before["api_socket"]
+    assert sorted(p.name for p in sockets.iterdir() if p.name.endswith(".sock")) == ["api.sock"]
+    assert is_mounted(mnt) and (mnt / "d" / "f7").read_bytes() == b"7" * 7
+    how = "same daemon" if after["pid"] == before["pid"] else "failover to the old program"
+    pause = result["max_pause"] * 1000
+    print(f"\n[snapshotter kill -9 at {step}] rolled back to pid {after['pid']} ({how}); "
+          f"longest reader op {pause:.0f} ms over {result['ops']} ops, no error")  # fmt: skip
