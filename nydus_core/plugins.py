@@ -194,6 +194,9 @@ class TypedHooks:
     def daemon_alive(self, *, daemon: DaemonRecord) -> bool | None:
         return self._hook.nydus_daemon_alive(daemon=daemon)
 
+    def daemon_reconcile(self, *, daemon: DaemonRecord) -> bool | None:
+        return self._hook.nydus_daemon_reconcile(daemon=daemon)
+
     def daemon_stop(self, *, daemon: DaemonRecord) -> bool | None:
         return self._hook.nydus_daemon_stop(daemon=daemon)
 
