@@ -304,3 +304,47 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F811
+    """The session holder should never die; if it does while the daemon lives, the daemon still
+    holds its session (nothing is lost), the next liveness sweep starts a new holder, the live
+    daemon sends its session again, and a later kill -9 of the daemon is still failed over."""
+    img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
+    base = _config(root, img.blob_dir, "dedicated")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(config, pm)
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "71", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        holder = mgr.supervisors
+        assert daemon is not None and holder is not None
+        first = holder.pid()
+        assert first is not None and holder.holds(daemon.id)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(first) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not holder.holds(daemon.id)
+        assert (inst.mountpoint / "big").read_bytes() == BIG  # the daemon's own fd keeps the mount
+        assert mgr.check_liveness() == []
+        second = holder.pid()
+        assert second is not None and second != first and holder.holds(daemon.id)
+        load = _start_load(inst.mountpoint, 2.0)  # holds `big` open across the kill
+        time.sleep(0.3)
+        old = daemon.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mgr.check_liveness() == [daemon.id]
+        d = mgr.daemon(daemon.id)
+        assert d is not None and d.pid != old
+        result = _load_result(load)
+        assert not result["errors"], result  # a takeover: a restart would break the held fd
+        assert holder.pid() == second
+        mgr.release_unused(set())
+    finally:
+        mgr.close()
