@@ -81,7 +81,8 @@ def mount_count(path: Path) -> int:
 class Stack:
     """A snapshotter root with a nydus image committed, and the snapshotter process serving it."""
 
-    def __init__(self, workdir: Path, image: Image) -> None:
+    def __init__(self, workdir: Path, image: Image, mode: str = "dedicated") -> None:
+        self.mode = mode
         self.workdir = workdir
         self.image = image
         self.root = workdir / "root"
@@ -96,7 +97,7 @@ class Stack:
         self.config = workdir / "config.toml"
         self.config.write_text(
             "version = 1\n"
-            'daemon_mode = "dedicated"\n'
+            f'daemon_mode = "{mode}"\n'
             "[system]\nenable = true\n"
             f'address = "{self.system}"\n'
             "[daemon]\n"
@@ -129,7 +130,9 @@ class Stack:
             mounts = c.prepare("container-1", "sha256:meta")
         lower = next(o.split("=", 1)[1] for o in mounts[0].options if o.startswith("lowerdir="))
         mnt = Path(lower.split(":")[0])
-        assert mnt == upper.parent / "mnt", mounts
+        meta_id = upper.parent.name
+        want = upper.parent / "mnt" if self.mode == "dedicated" else self.root / "mnt" / meta_id
+        assert mnt == want, mounts
         return mnt
 
     def release(self) -> None:
@@ -166,9 +169,13 @@ def _daemon_state(api_socket: Path) -> str:
         return f"unreachable: {e}"
 
 
-@pytest.mark.parametrize("step", STEPS)
-def test_snapshotter_killed_during_failover(step: str, workdir: Path, image: Image) -> None:
-    stack = Stack(workdir, image)
+SHARED_STEPS = ("failover-spawned", "failover-taken-over")
+CASES = [("dedicated", step) for step in STEPS] + [("shared", step) for step in SHARED_STEPS]
+
+
+@pytest.mark.parametrize(("mode", "step"), CASES)
+def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path, image: Image) -> None:
+    stack = Stack(workdir, image, mode)
     snap = stack.snapshotter(env={CRASH_ENV: step})
     snap.start()
     reader = None
@@ -181,6 +188,7 @@ def test_snapshotter_killed_during_failover(step: str, workdir: Path, image: Ima
         for sock in (holder.control, Path(daemon["supervisor_path"])):
             assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
         api_socket = Path(daemon["api_socket"])
+        fuse_mount = Path(daemon["mountpoint"])  # the image's directory in shared mode is inside it
 
         stop_file = workdir / "stop-reader"
         want = hashlib.sha256(BIG).hexdigest()
@@ -222,20 +230,23 @@ def test_snapshotter_killed_during_failover(step: str, workdir: Path, image: Ima
         # no orphans: the test root's processes are the snapshotter, the holder and the daemon
         assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid, holder_pid, *procs]), \
             again.log_tail()
-        assert mount_count(mnt) == 1
+        assert mount_count(fuse_mount) == 1
         assert (mnt / "d" / "f7").read_bytes() == b"7" * 7
         # the same holder serves the new snapshotter, and it holds the new daemon's session again
         assert holder.pid() == holder_pid and holder.holds(daemon["id"])
-        print(f"\n[snapshotter kill -9 at {step}] crashed {crashed_at:.2f}s after the daemon kill, "
+        print(f"\n[{mode}: snapshotter kill -9 at {step}] crashed {crashed_at:.2f}s after the daemon kill, "
               f"serving again {restarted:.2f}s after it; reader: {result['ops']} ops, longest "
               f"{result['max_pause'] * 1000:.0f} ms, no error; stale processes at the crash: {left}")
 
         stack.release()
-        assert not live_pids_mentioning(str(api_socket)) and mount_count(mnt) == 0
-        assert daemon["id"] not in holder.status()
+        if mode == "dedicated":
+            assert not live_pids_mentioning(str(api_socket)) and mount_count(fuse_mount) == 0
+            assert daemon["id"] not in holder.status()
+        else:  # the shared daemon stays up, empty, as it does without failover
+            assert not (fuse_mount / mnt.name).exists() and mount_count(fuse_mount) == 1
         again.stop()
         assert holder.pid() == holder_pid  # the holder outlives a graceful stop too
-        assert holder.shutdown()
+        assert holder.shutdown(force=mode == "shared")
     finally:
         if reader is not None and reader.poll() is None:
             reader.kill()
