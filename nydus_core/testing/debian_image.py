@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,12 @@ def _layer_bytes(layout: Path) -> int:
 
 
 def build_debian_py_image(workdir: Path, registry_host: str, repo: str = "debian-py",
-                          packages: tuple[str, ...] = ("python3",)) -> DebianImage:
-    """Push ``<registry_host>/<repo>:bookworm`` (OCI) and ``:nydus`` (converted); return both refs."""
+                          packages: tuple[str, ...] = ("python3",),
+                          extra_layers: Sequence[Path] = ()) -> DebianImage:
+    """Push ``<registry_host>/<repo>:bookworm`` (OCI) and ``:nydus`` (converted); return both refs.
+
+    `extra_layers` are uncompressed tarballs stacked on the Debian layer in order (a test's own
+    files: they cost a small conversion instead of a second debootstrap package set)."""
     times: dict[str, float] = {}
     t0 = time.monotonic()
     tarball = rootfs_tarball(packages=packages)
@@ -116,7 +121,8 @@ def build_debian_py_image(workdir: Path, registry_host: str, repo: str = "debian
     t0 = time.monotonic()
     _run(umoci, "init", "--layout", str(layout))
     _run(umoci, "new", "--image", image)
-    _run(umoci, "raw", "add-layer", "--image", image, str(tarball), timeout=600)
+    for layer in (tarball, *extra_layers):
+        _run(umoci, "raw", "add-layer", "--image", image, str(layer), timeout=600)
     _run(umoci, "config", "--image", image, "--config.cmd", "/usr/bin/python3", "--architecture", "amd64",
          "--os", "linux", "--config.env",
          "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

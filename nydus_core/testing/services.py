@@ -530,12 +530,16 @@ class NydusSnapshotter:
 
     def __init__(self, workdir: Path, address: Path, root: Path | None = None,
                  extra_args: Sequence[str] = (), log_level: str = "debug",
-                 env: Mapping[str, str] | None = None, system_address: Path | None = None):
-        """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``).
+                 env: Mapping[str, str] | None = None, system_address: Path | None = None,
+                 config_extra: str = ""):
+        """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``); the daemons it
+        spawns inherit it (fault injection such as ``NYDUSD_PY_CRASH_ON_READ``).
 
         `system_address` is where the system controller API listens (default
         ``<workdir>/system.sock``, never the machine-wide ``/run/containerd-nydus``); it goes in a
-        small ``--config`` file unless `extra_args` bring their own ``--config``."""
+        small ``--config`` file unless `extra_args` bring their own ``--config``; `config_extra` is
+        appended to that file (other sections, e.g. ``[daemon]`` keys that have no flag)."""
+        self.config_extra = config_extra
         self.system_address = system_address or workdir / "system.sock"
         self.workdir = workdir
         self.env = dict(env or {})
@@ -576,7 +580,8 @@ class NydusSnapshotter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.address.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
-            f'version = 1\n\n[system]\nenable = true\naddress = "{self.system_address}"\n'
+            f'version = 1\n\n[system]\nenable = true\naddress = "{self.system_address}"\n\n'
+            + self.config_extra
         )
         env = {**os.environ, **self.env} if self.env else None
         self._proc = ManagedProcess("containerd-nydus-grpc", self.argv(), self.log_path, env=env)

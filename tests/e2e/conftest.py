@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from nydus_core.testing.container_load import LoadImage, build_load_image
 from nydus_core.testing.proxy import FaultyProxy
 from nydus_core.testing.services import Registry
 
@@ -63,6 +64,15 @@ def debian_py(registry: Registry, nydus_services_dir: Path) -> DebianImage:
     image = build_debian_py_image(nydus_services_dir / "debian-py", registry.host)
     BUILD.update({k: round(v, 1) for k, v in image.build_seconds.items()})
     return image
+
+
+@pytest.fixture(scope="session")
+def load_image(registry: Registry, nydus_services_dir: Path) -> LoadImage:
+    """``nydus-load:nydus``: Debian + python3 with a ``/data`` payload of random bytes (the
+    failover tests' containers read it through the daemon), and its OCI source ``:bookworm``."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: debootstrap, containerd and FUSE mounts")
+    return build_load_image(nydus_services_dir / "load", registry.host)
 
 
 @pytest.fixture(scope="session")

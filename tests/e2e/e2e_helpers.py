@@ -52,7 +52,10 @@ class E2EStack:
     """containerd (CRI on, snapshot annotations on unless told) + our snapshotter in one `daemon_mode`."""
 
     def __init__(self, workdir: Path, mode: str, plain_http: tuple[str, ...],
-                 snapshot_annotations: bool = True, amplify_io: int | None = None) -> None:
+                 snapshot_annotations: bool = True, amplify_io: int | None = None,
+                 recover_policy: str | None = None, env: dict[str, str] | None = None,
+                 config_extra: str = "") -> None:
+        """`recover_policy` becomes ``--recover-policy``; `env`, `config_extra` go to `NydusSnapshotter`."""
         self.workdir = workdir
         self.mode = mode
         sock = workdir / "nydus" / "nydus.sock"
@@ -62,9 +65,12 @@ class E2EStack:
         if amplify_io is not None:
             self.nydusd_config["amplify_io"] = amplify_io
         template.write_text(json.dumps(self.nydusd_config, indent=2))
+        policy = ["--recover-policy", recover_policy] if recover_policy else []
         self.snapshotter = NydusSnapshotter(
             workdir / "nydus", sock,
-            extra_args=["--daemon-mode", mode, "--nydusd-path", NYDUSD_PY, "--nydusd-config", str(template)],
+            extra_args=["--daemon-mode", mode, "--nydusd-path", NYDUSD_PY, "--nydusd-config", str(template),
+                        *policy],
+            env=env, config_extra=config_extra,
         )
         self.containerd = Containerd(
             workdir / "containerd", {"nydus": sock},
