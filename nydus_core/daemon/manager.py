@@ -51,9 +51,14 @@ DEFAULT_READY_TIMEOUT = 10.0
 # Crash-loop breaker of `failover` (defaults of the manager's parameters): more deaths than this
 # within the window and the manager stops taking the session over (it forgets the daemon as under
 # `none`). The per-request breaker is in the daemon (a request in flight at too many deaths is
-# answered EIO); this one bounds the rest.
+# answered EIO); this one bounds the rest. Only deaths in a row count: a replacement that stayed
+# up `FAILOVER_SETTLE` seconds was serving (a crash loop dies on the resent request or while it
+# starts, within milliseconds), so its death starts a new count. Without that, an operator's
+# kill -9 now and then -- or twenty in a row, each after the failover finished, as issue 5's
+# container test does -- would end in giving the mount up: ENOTCONN in every container on it.
 FAILOVER_MAX_DEATHS = 10
 FAILOVER_WINDOW = 60.0
+FAILOVER_SETTLE = 0.5
 
 _LOG_LEVELS = {"warning": "warn", "fatal": "error", "panic": "error"}
 
@@ -109,9 +114,12 @@ class DaemonManager:
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
         failover_max_deaths: int = FAILOVER_MAX_DEATHS,
         failover_window: float = FAILOVER_WINDOW,
+        failover_settle: float = FAILOVER_SETTLE,
     ) -> None:
         """:param failover_max_deaths: under ``failover``, a daemon that dies more often than this
-            within `failover_window` seconds is given up (crash-loop breaker)."""
+            within `failover_window` seconds is given up (crash-loop breaker).
+        :param failover_settle: a replacement that lived this long before dying had settled: its
+            death starts a new count."""
         self.config = config
         self.pm = pm
         self.root = Path(config.root)
@@ -132,6 +140,8 @@ class DaemonManager:
         self._shared: DaemonRecord | None = None
         self.failover_max_deaths = failover_max_deaths
         self.failover_window = failover_window
+        self.failover_settle = failover_settle
+        self._recovered_at: dict[str, float] = {}  # daemon id -> when its last replacement took over
         self._deaths: defaultdict[str, deque[float]] = defaultdict(deque)
         # `failover`: the session holder (its own process, see holder.py) keeps each daemon's FUSE
         # session (fd + state) across daemon deaths and across snapshotter restarts
@@ -515,6 +525,8 @@ class DaemonManager:
             else:
                 err = "" if ok else "the backend gave it up"
             if ok:
+                with self._lock:
+                    self._recovered_at[daemon.id] = time.monotonic()
                 self.store.save_daemon(daemon)
                 self._adopt(daemon, served)
                 self._event(daemon, "recovered", {"pid": daemon.pid, "instances": len(served)})
@@ -526,7 +538,9 @@ class DaemonManager:
         self._forget(daemon)
 
     def note_death(self, daemon_id: str, now: float | None = None) -> int:
-        """Record one death of a daemon; how many happened within the last `failover_window` s.
+        """Record one death of a daemon; how many quick deaths in a row happened within the last
+        `failover_window` s. The death of a daemon never replaced before, or of a replacement that
+        had been up `failover_settle` seconds, starts a new count.
 
         Kept in the manager's memory: a snapshotter restart starts the count again, which at
         worst allows `failover_max_deaths` more takeovers.
@@ -534,6 +548,9 @@ class DaemonManager:
         t = time.monotonic() if now is None else now
         with self._lock:
             deaths = self._deaths[daemon_id]
+            since = self._recovered_at.get(daemon_id)
+            if since is None or t - since >= self.failover_settle:
+                deaths.clear()
             deaths.append(t)
             while deaths and deaths[0] < t - self.failover_window:
                 deaths.popleft()
@@ -732,6 +749,7 @@ class DaemonManager:
             self.supervisors.remove(daemon.id)  # after the stop hook: the mount is gone already
         with self._lock:
             self._deaths.pop(daemon.id, None)
+            self._recovered_at.pop(daemon.id, None)
         shutil.rmtree(daemon.config_dir, ignore_errors=True)
         shutil.rmtree(daemon.api_socket.parent, ignore_errors=True)
         if not keep_logs:

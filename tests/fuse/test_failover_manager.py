@@ -234,7 +234,7 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
     base = _config(root, img.blob_dir, "dedicated")
     config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
     pm = build_plugin_manager([], entry_points=False, env={})
-    mgr = DaemonManager(config, pm, failover_max_deaths=2, failover_window=600.0)
+    mgr = DaemonManager(config, pm, failover_max_deaths=2, failover_window=600.0, failover_settle=600.0)
     try:
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "61", img), {})
