@@ -10,9 +10,10 @@ containerd 1.6 + our ``containerd-nydus-grpc`` + nydusd-py, a nydus image conver
   awaited and both containers made to complete a pass before the next kill). Neither container
   may see an error or a wrong byte. The longest single operation each container measured (the
   pause) is printed, never asserted (2 shared cores: timings are noise-prone).
-* ``restart``: the daemon is respawned and remounted and a new container on the same image reads
-  right bytes; the running container's fate is pinned by assertion (ENOTCONN: its overlay's lower
-  layer is the old, dead FUSE connection).
+* ``restart`` (and ``none``): the daemon is respawned and remounted (forgotten, and a fresh one
+  started by the next container) and a new container on the same image reads right bytes; the
+  running container's fate is pinned by assertion (ENOTCONN: its overlay's lower layer is the
+  old, dead FUSE connection).
 * a poison request (fault injection ``NYDUSD_PY_CRASH_ON_READ``: reading that file kills every
   daemon) ends as EIO in the container that asked, after a few deaths, while another container
   keeps reading other files without an error.
@@ -213,13 +214,16 @@ def test_kill9_twenty_times_under_failover(mode: str, standby: bool, registry: R
     assert len({k["new"] for k in kills}) == KILLS, f"each kill must have a new daemon: {kills}"
 
 
-def test_restart_policy_respawns_and_new_containers_start(registry: Registry, load_image: LoadImage,
-                                                          tmp_path: Path) -> None:  # fmt: skip
-    """Under ``restart`` the daemon is respawned and remounted; containers started afterwards
-    read right bytes. A container that was running reads through the old FUSE connection (its
-    overlay keeps the old lower mount), which died with the daemon: from then on every read
-    of the image fails with ENOTCONN. Pinned here, so a change of that behaviour is noticed."""
-    with _stack(registry, "dedicated", "restart") as stack:
+@pytest.mark.parametrize("policy", ["restart", "none"])
+def test_restart_and_none_policies_what_containers_see(policy: str, registry: Registry, load_image: LoadImage,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """Under ``restart`` the daemon is respawned and remounted (same id, new pid); under ``none``
+    it is forgotten, and the next container's Prepare starts a fresh daemon (new id). Either way
+    containers started afterwards read right bytes. A container that was running reads through
+    the old FUSE connection (its overlay keeps the old lower mount), which died with the daemon:
+    from then on every read of the image fails with ENOTCONN. Pinned here, so a change of that
+    behaviour is noticed."""
+    with _stack(registry, "dedicated", policy) as stack:
         ref = load_image.nydus_ref
         _rpull(stack, ref)
         running = ContainerLoad(stack.containerd, ref, load_image, tmp_path / "out", "running", "big")
@@ -228,7 +232,10 @@ def test_restart_policy_respawns_and_new_containers_start(registry: Registry, lo
             d = _serving(stack, ref)
             assert d is not None
             os.kill(int(d["pid"]), signal.SIGKILL)
-            new_pid = _wait_replaced(stack, ref, d["id"], int(d["pid"]))
+            if policy == "restart":
+                new_pid = _wait_replaced(stack, ref, d["id"], int(d["pid"]))
+            else:
+                wait_until(lambda: not stack.daemons(), 30, "the dead daemon to be forgotten")
             passes_at_kill = running.passes()
 
             new = _run_once(stack, ref, "sha256sum", "/data/big")
@@ -238,9 +245,13 @@ def test_restart_policy_respawns_and_new_containers_start(registry: Registry, lo
             wait_until(lambda: len(running.error_lines()) >= 3, 30, "the running container to see errors")
             result = running.stop()
         again = _serving(stack, ref)
-        assert again is not None and again["pid"] == new_pid, again
+        assert again is not None and _alive(int(again["pid"])), stack.daemons()
+        if policy == "restart":
+            assert again["id"] == d["id"] and again["pid"] == new_pid, again
+        else:
+            assert again["id"] != d["id"], again
 
-    print(f"\n[restart e2e] running container: {result.passes} passes ({passes_at_kill} before the kill), "
+    print(f"\n[{policy} e2e] running container: {result.passes} passes ({passes_at_kill} before the kill), "
           f"{result.errors} errors {sorted(result.errnos())}, exit {result.exit_code}; "
           f"new container read the right bytes")
     assert result.bad_passes == 0, "a failing read must never return wrong bytes"
