@@ -52,6 +52,7 @@ __all__ = [
     "busybox_image",
     "containerd",
     "free_tcp_port",
+    "live_pids_mentioning",
     "nydus_services_dir",
     "nydus_snapshotter",
     "pytest_runtest_makereport",
@@ -126,6 +127,26 @@ def unmount_below(prefix: Path) -> None:
                 points.append(mnt)
     for mnt in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+
+
+def live_pids_mentioning(text: str) -> list[int]:
+    """Processes (not zombies, not this one) whose command line contains `text` (a test's own
+    temp dir: what a teardown must not leave behind)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        found.append(int(entry))
+    return found
 
 
 class ManagedProcess:
@@ -614,6 +635,26 @@ class NydusSnapshotter:
         if self._proc is not None:
             self._proc.kill9()
 
+    def stop_session_holder(self, timeout: float = 10.0) -> None:
+        """End this root's failover session holder, if one runs.
+
+        Under ``recover_policy = "failover"`` the holder outlives the snapshotter on purpose (a
+        restart finds it again), so whoever tears a stack down must end it: after the daemons,
+        since it drops the FUSE sessions it holds. SIGKILL if it does not go within `timeout`."""
+        from nydus_core.daemon.holder_client import SessionHolder
+
+        holder = SessionHolder(self.root)
+        pid = holder.pid()
+        if pid is None:
+            return
+        holder.shutdown(force=True)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+
     def restart(self) -> None:
         """Stop if running (gracefully), then start again with the same root and socket."""
         self.stop()
@@ -704,7 +745,7 @@ class ServiceStack:
         if self.containerd is not None:
             steps.append(self.containerd.stop)
         if self.snapshotter is not None:
-            steps.append(self.snapshotter.stop)
+            steps += [self.snapshotter.stop, self.snapshotter.stop_session_holder]
         if self.registry is not None:
             steps.append(self.registry.stop)
         for step in steps:

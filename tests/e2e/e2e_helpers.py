@@ -16,6 +16,7 @@ from nydus_core.testing.services import (
     CriSettings,
     NydusSnapshotter,
     ServiceError,
+    live_pids_mentioning,
     unmount_below,
 )
 
@@ -90,8 +91,9 @@ class E2EStack:
     def stop(self) -> None:
         """containerd first (its containers read through the daemons), then the daemons, then us.
 
-        The snapshotter leaves its daemons running on purpose (a restart re-adopts them), so the
-        test stops them itself: pids from the system API, then whatever the records still name.
+        The snapshotter leaves its daemons (and under ``failover`` its session holder) running on
+        purpose (a restart re-adopts them), so the test stops them itself: daemon pids from the
+        system API, then the holder.
         """
         try:
             self.containerd.stop()
@@ -110,6 +112,11 @@ class E2EStack:
                 pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)}
                 time.sleep(0.1)
             for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.snapshotter.stop_session_holder()  # under failover (it outlives us on purpose)
+            for pid in live_pids_mentioning(str(self.workdir)):  # e.g. a warm standby daemon
+                print(f"teardown: killing leftover process {pid} of {self.workdir}", file=sys.stderr)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             unmount_below(self.workdir)
