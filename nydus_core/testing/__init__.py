@@ -182,6 +182,16 @@ def snapshotter(
         client.stop()
     for daemon, pm in daemons.values():
         _stop_daemon(daemon, pm)
+    for root in {c.running.config.root for c in started}:
+        _stop_session_holder(Path(root))
+
+
+def _stop_session_holder(root: Path) -> None:
+    """Under ``failover`` the snapshotter started a session holder that outlives it on purpose;
+    a test's daemons are gone now, so it goes too (nothing answers: nothing to do)."""
+    from nydus_core.daemon.holder_client import SessionHolder
+
+    SessionHolder(root).shutdown(force=True)
 
 
 def _stop_daemon(daemon: Any, pm: Any) -> None:

@@ -252,3 +252,55 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
             reader.kill()
             reader.wait()
         snap.kill9()
+
+
+def test_daemon_killed_while_no_snapshotter_runs(workdir: Path, image: Image) -> None:
+    """The case the session holder exists for: the snapshotter is down (kill -9) when the daemon
+    dies; nobody notices for a while, the mount stays (the holder keeps the session), readers wait,
+    and the next snapshotter fails the daemon over at start-up."""
+    stack = Stack(workdir, image)
+    snap = stack.snapshotter()
+    snap.start()
+    reader = None
+    try:
+        mnt = stack.pull_and_prepare()
+        (daemon,) = snap.system_get("/api/v1/daemons")
+        holder = SessionHolder(stack.root)
+        holder_pid = holder.pid()
+        api_socket = Path(daemon["api_socket"])
+        stop_file = workdir / "stop-reader"
+        want = hashlib.sha256(BIG).hexdigest()
+        reader = subprocess.Popen([sys.executable, str(READER), str(mnt), want, "120", str(stop_file)],
+                                  stdout=subprocess.PIPE)  # fmt: skip
+        time.sleep(0.5)
+        snap.kill9()
+        t0 = time.monotonic()
+        os.kill(daemon["pid"], signal.SIGKILL)
+        time.sleep(1.0)  # nobody serves the mount; it must still be there
+        assert mount_count(Path(daemon["mountpoint"])) == 1 and holder.holds(daemon["id"])
+        again = stack.snapshotter()
+        again.start()
+        wait_until(lambda: _daemon_state(api_socket) == "RUNNING", 30, "the daemon to serve again")
+        served = time.monotonic() - t0
+        time.sleep(0.5)
+        stop_file.touch()
+        out, _ = reader.communicate(timeout=60)
+        result: dict[str, Any] = json.loads(out)
+        reader = None
+        assert not result["errors"], result
+        procs = live_pids_mentioning(str(api_socket))
+        (listed,) = again.system_get("/api/v1/daemons")
+        assert procs == [listed["pid"]] and listed["pid"] != daemon["pid"]
+        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid, holder_pid, *procs])
+        assert holder.pid() == holder_pid
+        print(f"\n[daemon kill -9 with no snapshotter] served again {served:.2f}s after the kill "
+              f"(1 s of it with nobody running); reader: {result['ops']} ops, longest "
+              f"{result['max_pause'] * 1000:.0f} ms, no error")
+        stack.release()
+        again.stop()
+        assert holder.shutdown()
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        snap.kill9()
