@@ -31,7 +31,7 @@ from nydus_core.testing.services import Registry
 sys.path.insert(0, str(Path(__file__).parent))
 
 from debian_image import DebianImage, build_debian_py_image
-from e2e_helpers import BUILD, MEASUREMENTS, E2EStack
+from e2e_helpers import BUILD, FAILOVER, MEASUREMENTS, E2EStack
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,9 +41,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    tr = terminalreporter
+    if FAILOVER:
+        tr.section("nydus daemon failover / restart with containers (noisy timings: shared CPUs)")
+        for line in FAILOVER:
+            tr.write_line(line)
     if not MEASUREMENTS and not BUILD:
         return
-    tr = terminalreporter
     tr.section("nydus lazy pull (bytes the registry served)")
     if BUILD:
         tr.write_line(f"image build: {json.dumps(BUILD)}")

@@ -39,6 +39,8 @@ NYDUSD_TEMPLATE: dict[str, Any] = {
 
 MEASUREMENTS: list[dict[str, Any]] = []
 BUILD: dict[str, Any] = {}
+#: What the failover tests saw (one line each in pytest's terminal summary).
+FAILOVER: list[str] = []
 
 
 def record_measurement(doc: dict[str, Any], out_dir: Path) -> Path:

@@ -40,7 +40,7 @@ from typing import Any
 
 import attrs
 import pytest
-from e2e_helpers import E2EStack
+from e2e_helpers import FAILOVER, E2EStack
 
 from nydus_core.config import DaemonConfig
 from nydus_core.daemon.manager import FAILOVER_SETTLE
@@ -144,6 +144,12 @@ def _assert_daemon_serves_passes(stack: E2EStack, ref: str, big: ContainerLoad) 
     assert served >= 2 * BIG_SIZE, f"the daemon served {served:.0f} B over two passes of {BIG_SIZE} B"
 
 
+def _report(line: str) -> None:
+    """Print (with ``-s``) and keep for the terminal summary."""
+    print("\n" + line)
+    FAILOVER.append(line)
+
+
 def _run_once(stack: E2EStack, ref: str, *argv: str) -> subprocess.CompletedProcess[str]:
     cid = f"once-{secrets.token_hex(3)}"
     return stack.containerd.ctr("run", "--rm", "--snapshotter", "nydus", ref, cid, *argv, check=False,
@@ -204,7 +210,7 @@ def test_kill9_twenty_times_under_failover(mode: str, standby: bool, registry: R
         "passes": {r.name: r.passes for r in results},
         "ops": {r.name: r.ops for r in results},
     }
-    print(f"\n[failover e2e] {json.dumps(report)}")
+    _report(f"[failover e2e] {json.dumps(report)}")
     (tmp_path / "failover.json").write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
         assert r.exit_code == 0, f"container {r.name} exited {r.exit_code}: {r.stderr}"
@@ -251,7 +257,7 @@ def test_restart_and_none_policies_what_containers_see(policy: str, registry: Re
         else:
             assert again["id"] != d["id"], again
 
-    print(f"\n[{policy} e2e] running container: {result.passes} passes ({passes_at_kill} before the kill), "
+    _report(f"[{policy} e2e] running container: {result.passes} passes ({passes_at_kill} before the kill), "
           f"{result.errors} errors {sorted(result.errnos())}, exit {result.exit_code}; "
           f"new container read the right bytes")
     assert result.bad_passes == 0, "a failing read must never return wrong bytes"
@@ -283,7 +289,7 @@ def test_poison_read_ends_as_eio_while_other_container_reads(registry: Registry,
             result = other.stop()
             big = _run_once(stack, ref, "sha256sum", "/data/big")
 
-    print(f"\n[poison e2e] cat: exit {cat.returncode}, stderr {cat.stderr.strip()!r} after {took:.2f}s; "
+    _report(f"[poison e2e] cat: exit {cat.returncode}, stderr {cat.stderr.strip()!r} after {took:.2f}s; "
           f"daemon pid {pid_before} -> {pid_after} (failover attempts: {failovers}); other container: "
           f"{result.passes} passes, {result.errors} errors")
     assert cat.returncode != 0 and os.strerror(errno.EIO) in cat.stderr, (cat.returncode, cat.stderr)
