@@ -11,8 +11,11 @@ together): the client sends ``{"op": "save", "state": {...}}`` with exactly one 
 ``{"op": "fetch"}``; the supervisor answers ``{"ok": true}`` / ``{"ok": true, "state": {...}}`` with
 the fd, or ``{"ok": false, "error": "..."}``. Sockets are created 0600.
 
-The supervisor also counts takeovers in a sliding window (`note_death`), the crash-loop breaker:
-a request that kills every daemon must not make the manager respawn forever.
+The snapshotter does not run these in-process supervisors: its daemon manager uses the session
+holder (`nydus_core.daemon.holder`), a process of its own that serves the same protocol and
+outlives the snapshotter. `Supervisor` stays for tests and tools that want a supervisor in their
+own process, and this module keeps the daemon-side functions (`send_state`, `fetch_state`) and
+the framing the holder's client reuses.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,6 @@ class Supervisor:
         self._lock = threading.Lock()
         self._state: dict[str, Any] | None = None
         self._fd = -1
-        self._deaths: deque[float] = deque()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -107,16 +107,6 @@ class Supervisor:
             if self._fd < 0:
                 raise SupervisorError(f"supervisor {self.path} holds no FUSE session")
             return os.dup(self._fd)
-
-    # -- crash-loop breaker --------------------------------------------------------------
-    def note_death(self, window: float, now: float | None = None) -> int:
-        """Record one daemon death; returns how many happened within the last `window` seconds."""
-        t = time.monotonic() if now is None else now
-        with self._lock:
-            self._deaths.append(t)
-            while self._deaths and self._deaths[0] < t - window:
-                self._deaths.popleft()
-            return len(self._deaths)
 
     # -- socket ----------------------------------------------------------------------------
     def _serve(self) -> None:
