@@ -15,6 +15,10 @@ clearing the mount; if that fails the daemon is restarted as under ``restart``.
 A snapshotter killed in the middle of that leaves a replacement nobody recorded: at the next
 start-up `reconcile` finds it by its command line (the API socket) and `failover` resumes it
 from the state it reached (INIT: takeover and start; READY: start; RUNNING: adopt).
+
+With ``[daemon] failover_standby`` the replacement is started ahead of time (standby.py): once a
+daemon is ready (and after each failover or upgrade), its next generation waits in INIT, and
+failover only drives it.
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import attrs
 
+from nydus_core.builtin import standby as standbys
 from nydus_core.config import SnapshotterConfig
 from nydus_core.daemon.client import (
     STATE_INIT,
@@ -53,9 +61,14 @@ FS_DRIVER = "fusedev"
 STOP_GRACE = 5.0
 RECOVER_READY_TIMEOUT = 10.0
 FAILOVER_ATTEMPTS = 5
+EXIT_SETTLE = 1.0  # how long a replacement that stopped answering gets to show it died
 
 # Children we spawned, so they can be reaped (no zombies) and their exit noticed while waiting.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+# What a daemon was started with, to start its standbys the same way (daemon id -> args).
+_launch_args: dict[str, tuple[Instance | None, SnapshotterConfig]] = {}
+_standby_lock = threading.Lock()  # a standby is spawned, claimed or stopped by one thread at a time
+_retired: set[str] = set()  # daemons stopped for good: a standby spawn still under way is dropped
 
 
 def _mine(daemon: DaemonRecord) -> bool:
@@ -136,6 +149,15 @@ def _exited(pid: int) -> bool:
             os.waitpid(pid, os.WNOHANG)
         return True
     return False
+
+
+def _gone_within(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _is_our_daemon(pid: int, daemon: DaemonRecord) -> bool:
@@ -269,7 +291,7 @@ def wait_ready(daemon: DaemonRecord, timeout: float, state: str = STATE_RUNNING)
                 )
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.01)
+            time.sleep(0.005)
 
 
 def _send_fd(client: NydusdClient, daemon: DaemonRecord) -> None:
@@ -297,6 +319,10 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
         log.info("daemon %s: resumed the interrupted failover of pid %d", daemon.id, daemon.pid)
         return True
     kill_now(daemon)  # a hung process that no longer answers (SIGTERM would unmount)
+    if _promote_standby(daemon):
+        took = (time.monotonic() - t0) * 1000
+        log.info("daemon %s failed over to its standby, pid %d, in %.1f ms", daemon.id, daemon.pid, took)
+        return True
     dedicated = daemon.mode is DaemonMode.DEDICATED
     for attempt in range(1, FAILOVER_ATTEMPTS + 1):
         daemon.api_socket.unlink(missing_ok=True)
@@ -307,7 +333,8 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
                 raise Unavailable(f"daemon {daemon.id} did not reach INIT")
             _drive(daemon, STATE_INIT)
         except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
-            died = _exited(daemon.pid)
+            # A daemon killed while it answers closes its socket before its exit status exists.
+            died = _gone_within(daemon.pid, EXIT_SETTLE)
             log.error("failover of daemon %s, attempt %d: %s", daemon.id, attempt, e)
             kill_now(daemon)
             if died:
@@ -354,6 +381,109 @@ def _resume(daemon: DaemonRecord) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------------------------
+# Warm standby ([daemon] failover_standby)
+# --------------------------------------------------------------------------------------------
+
+
+def _wants_standby(daemon: DaemonRecord, config: SnapshotterConfig) -> bool:
+    d = config.daemon
+    return d.failover_standby and d.recover_policy == "failover" and daemon.supervisor_path is not None
+
+
+def start_standby(daemon: DaemonRecord) -> None:
+    """Spawn `daemon`'s next generation with ``--upgrade`` on the other socket, unless one runs
+    (a standby of another program, left from before a hot upgrade, is replaced).
+
+    Does not wait for it: failover waits for INIT if it has to use a standby still loading.
+    Needs the arguments the daemon was started with in this process; a daemon re-adopted after a
+    snapshotter restart keeps the standby recorded before (if any) until its next failover.
+    """
+    with _standby_lock:
+        args = _launch_args.get(daemon.id)
+        if args is None or daemon.id in _retired or not _wants_standby(daemon, args[1]):
+            return
+        current = standbys.recorded(daemon)
+        if current is not None and standbys.runs(current.pid, current.api_socket):
+            program = shutil.which(daemon.program) or daemon.program
+            if standbys.runs(current.pid, Path(program)):
+                return
+            log.info("standby of daemon %s runs another program than %s (hot upgrade): replacing it",
+                     daemon.id, program)  # fmt: skip
+            _kill_standby(daemon, current)
+        sock = standbys.socket_for(daemon)
+        pid = spawn(attrs.evolve(daemon, api_socket=sock, pid=0), args[0], args[1], ["--upgrade"])
+        standbys.record(daemon, standbys.Standby(pid, sock))
+        log.info("standby of daemon %s: pid %d on %s", daemon.id, pid, sock)
+
+
+def start_standby_later(daemon: DaemonRecord) -> None:
+    """`start_standby` in a thread: never on the path of a start or a failover."""
+    if daemon.id not in _launch_args:
+        return
+
+    def run() -> None:
+        try:
+            start_standby(daemon)
+        except Exception:
+            log.exception("cannot start a standby for daemon %s (failover will spawn cold)", daemon.id)
+
+    threading.Thread(target=run, name=f"standby-{daemon.id}", daemon=True).start()
+
+
+def _promote_standby(daemon: DaemonRecord) -> bool:
+    """Failover to the recorded standby: point the record at it and drive it from the state it is
+    in (normally INIT; READY or RUNNING when a snapshotter died in the middle of a promotion).
+
+    The standby's record file stays until the daemon record names it (then `standbys.recorded`
+    drops it): a snapshotter killed meanwhile finds the promoted process again at start-up.
+    False (record unchanged) when there is no live standby or it could not be driven.
+    """
+    with _standby_lock:
+        found = standbys.recorded(daemon)
+        if found is None:
+            return False
+        if not standbys.runs(found.pid, found.api_socket):
+            log.warning("standby of daemon %s (pid %d) is gone; spawning the replacement cold", daemon.id,
+                        found.pid)  # fmt: skip
+            standbys.forget(daemon)
+            found.api_socket.unlink(missing_ok=True)
+            return False
+        old_socket, old_pid = daemon.api_socket, daemon.pid
+        daemon.api_socket, daemon.pid = found.api_socket, found.pid
+        if _resume(daemon):
+            old_socket.unlink(missing_ok=True)
+            return True
+        kill_now(daemon)
+        standbys.forget(daemon)
+        daemon.api_socket, daemon.pid = old_socket, old_pid
+        return False
+
+
+def stop_standby(daemon: DaemonRecord, *, retire: bool) -> None:
+    """Kill `daemon`'s standby (SIGKILL is safe: it has not touched the mount or the session).
+    `retire`: the daemon is stopped for good, a standby spawn still under way is dropped too."""
+    with _standby_lock:
+        if retire:
+            _retired.add(daemon.id)
+            _launch_args.pop(daemon.id, None)
+        found = standbys.recorded(daemon)
+        if found is not None:
+            _kill_standby(daemon, found)
+
+
+def _kill_standby(daemon: DaemonRecord, found: standbys.Standby) -> None:
+    standbys.forget(daemon)
+    if standbys.runs(found.pid, found.api_socket):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(found.pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_GRACE
+        while not _exited(found.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log.info("standby of daemon %s (pid %d) stopped", daemon.id, found.pid)
+    found.api_socket.unlink(missing_ok=True)
+
+
 def attach(daemon: DaemonRecord, instance: Instance) -> None:
     if daemon.mode is not DaemonMode.SHARED:
         return  # a dedicated daemon mounts its image when it starts
@@ -374,6 +504,7 @@ def nydus_daemon_start(
 ) -> int | None:
     if not _mine(daemon):
         return None
+    _launch_args[daemon.id] = (instance, config)
     return spawn(daemon, instance, config)
 
 
@@ -412,6 +543,8 @@ def nydus_instance_detach(daemon: DaemonRecord, instance: Instance) -> bool | No
 def nydus_daemon_alive(daemon: DaemonRecord) -> bool | None:
     if not _mine(daemon):
         return None
+    if daemon.pid > 0 and _exited(daemon.pid):
+        return False  # no need to ask: its process is gone (what the liveness monitor sees first)
     try:
         with NydusdClient(daemon.api_socket, timeout=3.0) as client:
             return client.state() == STATE_RUNNING
@@ -430,9 +563,19 @@ def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
 def nydus_daemon_stop(daemon: DaemonRecord) -> bool | None:
     if not _mine(daemon):
         return None
+    stop_standby(daemon, retire=True)
     terminate(daemon)
     clear_vestige(daemon)
     return True
+
+
+@hookimpl
+def nydus_daemon_event(daemon: DaemonRecord, event: str, detail: Mapping[str, Any]) -> None:
+    """A standby once the record is saved (``ready``, ``recovered``, ``upgraded`` come after the
+    manager persisted it): a snapshotter killed before that never meets a standby on the socket
+    its record still names."""
+    if _mine(daemon) and event in ("ready", "recovered", "upgraded"):
+        start_standby_later(daemon)
 
 
 @hookimpl
@@ -445,8 +588,10 @@ def nydus_daemon_recover(
     if daemon.mode is DaemonMode.DEDICATED and not ordered:
         log.warning("dedicated daemon %s has no recorded image; not respawning it", daemon.id)
         return False
+    _launch_args[daemon.id] = (ordered[0] if daemon.mode is DaemonMode.DEDICATED else None, config)
     if config.daemon.recover_policy == "failover" and failover(daemon, ordered, config):
         return True
+    stop_standby(daemon, retire=False)  # it waits for a session that is about to be cleared
     terminate(daemon)  # a hung process that no longer answers
     clear_vestige(daemon)
     daemon.pid = spawn(daemon, ordered[0] if daemon.mode is DaemonMode.DEDICATED else None, config)

@@ -722,11 +722,14 @@ class DaemonManager:
                 shutil.rmtree(inst.config_path.parent, ignore_errors=True)
             return
         self._hook("nydus_instance_detach", daemon=daemon, instance=inst)
-        self._hook("nydus_daemon_stop", daemon=daemon)
+        # Under the recover lock: the liveness monitor must not take the stop for a death and
+        # fail the daemon over while it is being stopped (it finds it forgotten afterwards).
+        with self._recover_lock:
+            self._hook("nydus_daemon_stop", daemon=daemon)
+            with self._lock:
+                self._daemons.pop(daemon.id, None)
         self._event(daemon, "stopped", {"pid": daemon.pid})
         self._drop_instance(inst)
-        with self._lock:
-            self._daemons.pop(daemon.id, None)
         self.store.delete_daemon(daemon.id)
         self._remove_daemon_dirs(daemon)
 

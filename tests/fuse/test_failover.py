@@ -5,7 +5,8 @@ process) keeps the `/dev/fuse` fd and the state the daemon pushed on ``sendfd``.
 ``kill -9`` a new daemon is spawned on the live mountpoint, waits in INIT, is told ``takeover``
 and ``start``, and must serve the same files with the same inode numbers. Readers run all along
 and must see no error and only correct bytes; the longest single operation they saw is the
-pause, printed (run with ``-s``) and bounded.
+pause, printed (run with ``-s``; no bound is asserted: timings belong to ``bench/failover.py``,
+which measures them against a same-run baseline).
 
 ``standby``: the next daemon is started ahead of the kill (imports done, blocked in INIT), as
 upstream's upgrade path does on ``api<N+1>.sock``; ``cold``: it is spawned after the death.
@@ -35,7 +36,7 @@ from nydus_core.daemon.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
-KILLS = 20
+KILLS = int(os.environ.get("FAILOVER_KILLS", "20"))  # fewer for a quick local run
 BIG = os.urandom((3 << 20) + 54321)  # four 1 MiB chunks
 FILES = {
     "data/big.bin": BIG,
@@ -220,8 +221,6 @@ def test_kill9_failover_no_reader_error(root: Path, mode: str) -> None:
         print(f"\n[failover {mode}] {KILLS} kill -9 in {elapsed:.1f}s: {readers.ops} reader ops, "
               f"{readers.passes} full passes of big.bin, no error; longest reader op "
               f"{readers.max_pause * 1000:.0f} ms; kill->served max {max(pauses) * 1000:.0f} ms")  # fmt: skip
-        bound = 0.5 if mode == "standby" else 5.0
-        assert readers.max_pause < bound, f"longest reader pause {readers.max_pause:.3f}s"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert not is_mounted(ds.mnt)

@@ -4,6 +4,10 @@
 (pidfd) and the builtin recover hook spawns a replacement that takes the live FUSE session over:
 readers that keep files open and readers that open new ones see no error and right bytes.
 
+``failover_standby``: the next daemon generation waits in INIT ahead of the kill and is the
+one that takes over (its pid and socket end up in the record in nydus.db); no standby outlives
+its daemon.
+
 ``restart``: what running containers see is documented by assertion: a file opened before the
 kill fails with ENOTCONN (the old FUSE connection is gone with its mount), while opens after the
 respawn work again.
@@ -28,7 +32,11 @@ import pytest
 from nydusd_helpers import build_image
 from test_nydusd_py_manager import _config, _meta, root  # noqa: F401  (fixture)
 
+from nydus_core.builtin import nydusd as nydusd_hooks
+from nydus_core.builtin import standby as standbys
+from nydus_core.daemon.client import NydusdClient
 from nydus_core.daemon.manager import DaemonManager
+from nydus_core.daemon.model import DaemonRecord
 from nydus_core.daemon.mounts import is_mounted
 from nydus_core.plugins import build_plugin_manager
 
@@ -54,11 +62,27 @@ def _load_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return result
 
 
+def _standby_in_init(daemon: DaemonRecord, timeout: float = 20.0) -> standbys.Standby:
+    """Wait until `daemon`'s standby is recorded and answers INIT; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = standbys.recorded(daemon)
+        if found is not None and standbys.runs(found.pid, found.api_socket):
+            with NydusdClient(found.api_socket, timeout=5) as c:
+                if c.wait_state("INIT", timeout=max(0.1, deadline - time.monotonic()), interval=0.01):
+                    return found
+        assert time.monotonic() < deadline, f"no standby of daemon {daemon.id} in INIT"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("standby", [False, True], ids=["cold", "standby"])
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
-def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # noqa: F811
+def test_failover_policy_keeps_readers_going(mode: str, standby: bool, root: Path) -> None:  # noqa: F811
     img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
     base = _config(root, img.blob_dir, mode)
-    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    config = attrs.evolve(
+        base, daemon=attrs.evolve(base.daemon, recover_policy="failover", failover_standby=standby)
+    )
     pm = build_plugin_manager([], entry_points=False, env={})
     mgr = DaemonManager(config, pm)
     load = None
@@ -76,6 +100,9 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
         took = []
         for _ in range(KILLS):
             old = daemon.pid
+            expected = _standby_in_init(daemon) if standby else None
+            if not standby:
+                assert standbys.recorded(daemon) is None
             t = time.monotonic()
             os.kill(old, signal.SIGKILL)
             deadline = time.monotonic() + 20
@@ -87,20 +114,28 @@ def test_failover_policy_keeps_readers_going(mode: str, root: Path) -> None:  # 
                 time.sleep(0.005)
             took.append(time.monotonic() - t)
             daemon = d
+            if expected is not None:  # the standby took over, and the record says so
+                assert (d.pid, d.api_socket) == (expected.pid, expected.api_socket)
+                (saved,) = [r for r in mgr.store.list_daemons() if r.id == d.id]
+                assert (saved.pid, saved.api_socket) == (expected.pid, expected.api_socket)
             time.sleep(0.3)
         result = _load_result(load)
         assert not result["errors"], result
         assert result["ops"] > KILLS
         assert mgr.get_instance("21") is not None
+        label = f"{mode}, {'standby' if standby else 'cold'}"
         print(
-            f"\n[manager failover {mode}] {KILLS} kill -9: kill->RUNNING max {max(took) * 1000:.0f} ms, "
+            f"\n[manager failover {label}] {KILLS} kill -9: kill->RUNNING max {max(took) * 1000:.0f} ms, "
             f"longest reader op {result['max_pause'] * 1000:.0f} ms, {result['ops']} reader ops, no error"
         )
         mgr.release_unused(set())
         assert not is_mounted(inst.mountpoint)
         if mode == "shared":
+            mgr.stop_liveness_monitor()  # the stop below bypasses the manager: no failover of it
             (shared,) = mgr.daemons()
             pm.hook.nydus_daemon_stop(daemon=shared)
+        time.sleep(0.2)  # a standby spawn that was under way at the stop
+        assert _daemons_left(root) == [], "a daemon or standby outlived its stop"
     finally:
         if load is not None and load.poll() is None:
             load.kill()
@@ -347,4 +382,102 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
         assert holder.pid() == second
         mgr.release_unused(set())
     finally:
+        mgr.close()
+
+
+def _daemons_left(where: Path) -> list[int]:
+    """Live daemon processes (daemons and standbys: their API sockets are under ``socket/``)."""
+    return [p for p in _pids_mentioning(str(where / "socket")) if _alive(p)]
+
+
+def _standby_config(where: Path, blob_dir: Path) -> Any:
+    base = _config(where, blob_dir, "dedicated")
+    daemon = attrs.evolve(base.daemon, recover_policy="failover", failover_standby=True)
+    return attrs.evolve(base, daemon=daemon)
+
+
+def _wait_failover(mgr: DaemonManager, pm: Any, daemon_id: str, old_pid: int) -> DaemonRecord:
+    deadline = time.monotonic() + 20
+    while True:
+        d = mgr.daemon(daemon_id)
+        if d is not None and d.pid != old_pid and pm.hook.nydus_daemon_alive(daemon=d):
+            return d
+        assert time.monotonic() < deadline, "no failover within 20 s"
+        time.sleep(0.005)
+
+
+def test_dead_standby_falls_back_to_a_cold_spawn(root: Path) -> None:  # noqa: F811
+    """A standby that died before it was needed is not used: the failover spawns cold, readers
+    see no error, and a new standby is started for the next death."""
+    img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(_standby_config(root, img.blob_dir), pm)
+    load = None
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "61", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None
+        first = _standby_in_init(daemon)
+        os.kill(first.pid, signal.SIGKILL)
+        mgr.start_liveness_monitor(interval=5.0)
+        load = _start_load(inst.mountpoint, 2.0)
+        time.sleep(0.3)
+        old = daemon.pid
+        os.kill(old, signal.SIGKILL)
+        d = _wait_failover(mgr, pm, inst.daemon_id, old)
+        assert d.pid != first.pid  # spawned after the death, not the dead standby
+        log = (d.log_dir / "nydusd.log").read_text()
+        assert d.api_socket != first.api_socket
+        second = _standby_in_init(d)  # and the next death has a standby again
+        assert second.pid not in (first.pid, d.pid)
+        result = _load_result(load)
+        assert not result["errors"], result
+        assert "--upgrade" in log  # the standbys were started as takeover daemons
+        mgr.release_unused(set())
+        time.sleep(0.2)
+        assert _daemons_left(root) == []
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
+        mgr.close()
+
+
+def test_standby_survives_a_snapshotter_restart(root: Path) -> None:  # noqa: F811
+    """The standby is recorded on disk: a restarted snapshotter finds it, the next death is taken
+    over by it, and releasing the image stops daemon and standbys (nothing left running)."""
+    img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
+    config = _standby_config(root, img.blob_dir)
+    pm = build_plugin_manager([], entry_points=False, env={})
+    first = DaemonManager(config, pm)
+    first.recover()
+    inst = first.ensure_instance(_meta(root, "71", img), {})
+    d0 = first.daemon(inst.daemon_id)
+    assert d0 is not None
+    standby = _standby_in_init(d0)
+    first.close()
+    nydusd_hooks._launch_args.clear()  # what a new snapshotter process knows: only nydus.db and files
+    mgr = DaemonManager(config, pm)
+    load = None
+    try:
+        mgr.recover()
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None and daemon.pid == d0.pid
+        mgr.start_liveness_monitor(interval=5.0)
+        load = _start_load(inst.mountpoint, 2.0)
+        time.sleep(0.3)
+        os.kill(daemon.pid, signal.SIGKILL)
+        d = _wait_failover(mgr, pm, inst.daemon_id, d0.pid)
+        assert (d.pid, d.api_socket) == (standby.pid, standby.api_socket)
+        _standby_in_init(d)  # the recover hook knows the launch arguments again
+        result = _load_result(load)
+        assert not result["errors"], result
+        mgr.release_unused(set())
+        time.sleep(0.2)
+        assert _daemons_left(root) == []
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
         mgr.close()
