@@ -123,6 +123,8 @@ class Stack:
         self, workdir: Path, mode: str, recover_policy: str = "failover", env: dict[str, str] | None = None
     ) -> None:
         self.workdir = workdir
+        mode, _, extra = mode.partition("+")
+        standby = extra == "standby"  # [daemon] failover_standby: a warm next generation per daemon
         self.image: Image = build_image(workdir / "img", FILES)
         template = workdir / "nydusd-config.json"
         template.write_text(json.dumps({
@@ -136,6 +138,7 @@ class Stack:
             f'version = 1\ndaemon_mode = "{mode}"\n\n[system]\nenable = true\naddress = "{system}"\n\n'
             f'[daemon]\nnydusd_path = "{nydusd_py()}"\nnydusd_config = "{template}"\n'
             f'recover_policy = "{recover_policy}"\n'
+            + ("failover_standby = true\n" if standby else "")
         )
         self.config, self.system = config, system
         self.snap = self.snapshotter(env)
@@ -254,7 +257,19 @@ def wait_new_pid(stack: Stack, old: int, timeout: float = 30.0) -> dict[str, Any
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("mode", ["dedicated", "shared"])
+def standby_of(socket_dir: Path, timeout: float = 30.0, not_pid: int = 0) -> tuple[int, list[str]]:
+    """The recorded warm standby (``standby.pid`` beside the API sockets) once it runs: pid, argv."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((socket_dir / "standby.pid").read_text().split()[0])
+            if pid != not_pid and _alive(pid):
+                return pid, _cmdline(pid)
+        assert time.monotonic() < deadline, "no standby"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["dedicated", "shared", "dedicated+standby"])
 def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_factory: Any) -> None:
     stack: Stack = stack_factory(mode)
     mnt = stack.serve_image()
@@ -264,6 +279,8 @@ def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_fa
     old_ver = package_ver(old_sock)
     program = upgraded_nydusd(workdir)
     daemon_mnt = Path(before["mountpoint"])  # the daemon's FUSE mount (shared: <root>/mnt)
+    standby = mode.endswith("+standby")
+    old_standby = standby_of(Path(old_sock).parent)[0] if standby else 0
     readers: list[subprocess.Popen[bytes]] = []
     try:
         with MountWatch(daemon_mnt) as watch:
@@ -278,7 +295,12 @@ def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_fa
             new_ver = package_ver(new_sock)
             new_argv = _cmdline(new_pid)
             old_gone = not _alive(old_pid)
+            old_sock_gone = not Path(old_sock).exists()
             result = reader_result(readers[0])
+            # with a standby: the old program's standby is replaced by one of the new program
+            new_standby, standby_argv = (0, [])
+            if standby:
+                new_standby, standby_argv = standby_of(Path(new_sock).parent, not_pid=old_standby)
             # kill -9 of the upgraded daemon: failover respawns the *new* program
             readers.append(start_reader(mnt, 3.0))
             time.sleep(0.5)
@@ -300,10 +322,13 @@ def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_fa
     assert entry["version"] == new_ver
     assert new_pid != old_pid and old_gone
     assert str(program) in new_argv[:2] and "--upgrade" in new_argv
-    assert new_sock != old_sock and not Path(old_sock).exists()
+    assert new_sock != old_sock and old_sock_gone
     assert Path(new_sock).name == "api1.sock"
     assert str(program) in _cmdline(failed_over["pid"])[:2]
     assert package_ver(failed_over["api_socket"]) == new_ver
+    if standby:
+        assert not _alive(old_standby) and str(program) in standby_argv[:2]
+        assert failed_over["pid"] == new_standby  # the new program's standby took over
     records = stack.snap.system_get("/api/v1/daemons/records")
     assert records[0]["program"] == str(program) and records[0]["pid"] == failed_over["pid"]
     daemon_log = stack.snap.log_path.read_text()  # --log-to-stdout: the daemons log there too
