@@ -12,7 +12,7 @@ BENCH_ARGS ?=
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.nydus-installed
 
-.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench bench-full system venv clean
+.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench-failover bench bench-full system venv clean
 
 test: system venv lint pytest
 
@@ -54,6 +54,11 @@ proto: venv
 
 bench-ops: system venv
 	$(BIN)/python bench/snapshot_ops.py $(BENCH_ARGS)
+
+# Failover pauses (issue 5, bench/README.md): kill -9 of a FUSE daemon 20 times under read load,
+# with a warm standby and cold, against the longest reader op of the same run without kills.
+bench-failover: system venv
+	$(BIN)/python bench/failover.py $(BENCH_ARGS)
 
 # Container startup (issue 6, bench/startup/README.md): quick grid {unshaped, 100 Mbit/s + 20 ms},
 # busybox + python, 3 samples (< 15 min); bench-full adds 25 Mbit/s + 50 ms and 3 MB/s + 100 ms,

@@ -451,7 +451,15 @@ def _promote_standby(daemon: DaemonRecord) -> bool:
             return False
         old_socket, old_pid = daemon.api_socket, daemon.pid
         daemon.api_socket, daemon.pid = found.api_socket, found.pid
-        if _resume(daemon):
+        try:
+            _drive(daemon, STATE_INIT)  # the usual case, without asking its state first
+            promoted = True
+        except NydusdApiError:  # not in INIT: a promotion a dead snapshotter had begun
+            promoted = _resume(daemon)
+        except (Unavailable, NydusdUnreachable) as e:
+            log.warning("standby of daemon %s (pid %d) failed to take over: %s", daemon.id, found.pid, e)
+            promoted = False
+        if promoted:
             old_socket.unlink(missing_ok=True)
             return True
         kill_now(daemon)

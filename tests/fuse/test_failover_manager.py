@@ -481,3 +481,38 @@ def test_standby_survives_a_snapshotter_restart(root: Path) -> None:  # noqa: F8
             load.kill()
             load.wait()
         mgr.close()
+
+
+def test_standby_left_ready_is_started(root: Path) -> None:  # noqa: F811
+    """A snapshotter killed after the standby's takeover and before its start leaves it READY:
+    the next failover starts that very process (takeover answers 409, its state decides)."""
+    img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(_standby_config(root, img.blob_dir), pm)
+    load = None
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "91", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        assert daemon is not None
+        standby = _standby_in_init(daemon)
+        mgr.start_liveness_monitor(interval=5.0)
+        load = _start_load(inst.mountpoint, 2.0)
+        time.sleep(0.3)
+        with NydusdClient(standby.api_socket) as c:  # what the killed snapshotter had done
+            c.takeover()  # (READY holds the fd but reads nothing: the daemon still serves alone)
+            assert c.state() == "READY"
+        old = daemon.pid
+        os.kill(old, signal.SIGKILL)
+        d = _wait_failover(mgr, pm, inst.daemon_id, old)
+        assert (d.pid, d.api_socket) == (standby.pid, standby.api_socket)
+        result = _load_result(load)
+        assert not result["errors"], result
+        mgr.release_unused(set())
+        time.sleep(0.2)
+        assert _daemons_left(root) == []
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait()
+        mgr.close()
