@@ -97,13 +97,14 @@ class Stack:
         self.config = workdir / "config.toml"
         self.config.write_text(
             "version = 1\n"
-            f'daemon_mode = "{mode}"\n'
+            f'daemon_mode = "{"shared" if mode == "shared" else "dedicated"}"\n'
             "[system]\nenable = true\n"
             f'address = "{self.system}"\n'
             "[daemon]\n"
             f'nydusd_path = "{nydusd_py()}"\n'
             f'nydusd_config = "{template}"\n'
             'recover_policy = "failover"\n'
+            f"failover_standby = {'true' if mode == 'standby' else 'false'}\n"
         )
 
     def snapshotter(self, env: dict[str, str] | None = None) -> NydusSnapshotter:
@@ -131,7 +132,7 @@ class Stack:
         lower = next(o.split("=", 1)[1] for o in mounts[0].options if o.startswith("lowerdir="))
         mnt = Path(lower.split(":")[0])
         meta_id = upper.parent.name
-        want = upper.parent / "mnt" if self.mode == "dedicated" else self.root / "mnt" / meta_id
+        want = self.root / "mnt" / meta_id if self.mode == "shared" else upper.parent / "mnt"
         assert mnt == want, mounts
         return mnt
 
@@ -161,6 +162,23 @@ def image() -> Iterator[Image]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _new_standby(sockets: Path) -> list[int]:
+    """The standby started after the promotion (in the background): its pid once recorded."""
+    pid_file = sockets / "standby.pid"
+    found: list[int] = []
+
+    def recorded() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().split()[0])
+            if pid in live_pids_mentioning(str(sockets)):
+                found[:] = [pid]
+                return True
+        return False
+
+    wait_until(recorded, 30, f"a new standby recorded in {pid_file}")
+    return found
+
+
 def _daemon_state(api_socket: Path) -> str:
     try:
         with NydusdClient(api_socket, timeout=2) as c:
@@ -170,7 +188,9 @@ def _daemon_state(api_socket: Path) -> str:
 
 
 SHARED_STEPS = ("failover-spawned", "failover-taken-over")
-CASES = [("dedicated", step) for step in STEPS] + [("shared", step) for step in SHARED_STEPS]
+STANDBY_STEPS = ("failover-taken-over", "failover-started")  # a promoted standby is not spawned
+CASES = [("dedicated", step) for step in STEPS] + [("shared", step) for step in SHARED_STEPS] + \
+    [("standby", step) for step in STANDBY_STEPS]
 
 
 @pytest.mark.parametrize(("mode", "step"), CASES)
@@ -188,7 +208,12 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
         for sock in (holder.control, Path(daemon["supervisor_path"])):
             assert stat.S_IMODE(sock.stat().st_mode) == 0o600, sock
         api_socket = Path(daemon["api_socket"])
+        sockets = api_socket.parent  # every process of the daemon (standby too) has its socket here
         fuse_mount = Path(daemon["mountpoint"])  # the image's directory in shared mode is inside it
+        standby: list[int] = []
+        if mode == "standby":  # wait for the warm standby (started in the background once ready)
+            wait_until(lambda: len(live_pids_mentioning(str(sockets))) == 2, 30, "the standby")
+            standby = [p for p in live_pids_mentioning(str(sockets)) if p != daemon["pid"]]
 
         stop_file = workdir / "stop-reader"
         want = hashlib.sha256(BIG).hexdigest()
@@ -201,13 +226,14 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
         snap._proc._proc.wait(timeout=30)  # the fault injection killed it at `step`
         crashed_at = time.monotonic() - t0
         assert f"killing the snapshotter at step {step}" in snap.log_tail()
-        left = live_pids_mentioning(str(api_socket))
+        left = live_pids_mentioning(str(sockets))
         snap.kill9()  # reap and close its log
 
         again = stack.snapshotter()
         again.start()
         restarted = time.monotonic() - t0
-        wait_until(lambda: _daemon_state(api_socket) == "RUNNING", 30, "the daemon to serve again")
+        now_socket = Path(again.system_get("/api/v1/daemons")[0]["api_socket"])
+        wait_until(lambda: _daemon_state(now_socket) == "RUNNING", 30, "the daemon to serve again")
         time.sleep(0.5)  # the reader goes on against the new daemon
         stop_file.touch()
         out, _ = reader.communicate(timeout=60)
@@ -216,20 +242,25 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
 
         # the reader saw no error: the holder kept the session through both crashes
         assert not result["errors"], result
-        # exactly one daemon process, and it is the one recorded and reported
-        procs = live_pids_mentioning(str(api_socket))
+        # exactly one daemon process, and it is the one recorded and reported (plus, with a
+        # standby, the new standby the promotion is followed by, recorded in standby.pid)
+        new_standby = _new_standby(sockets) if standby else []
+        procs = [p for p in live_pids_mentioning(str(sockets)) if p not in new_standby]
         (listed,) = again.system_get("/api/v1/daemons")
         (record,) = again.system_get("/api/v1/daemons/records")
         assert listed["id"] == record["id"] == daemon["id"]
         assert procs == [listed["pid"]] == [record["pid"]], (procs, listed, record, again.log_tail())
         assert listed["pid"] != daemon["pid"]
+        assert live_pids_mentioning(listed["api_socket"] + "\0") == procs
         if step == "failover-noticed":
             assert left == []  # nothing was spawned yet: the new snapshotter spawned the replacement
         else:
             assert procs[0] in left, (left, procs)  # the replacement found at start-up was adopted
+        if standby:
+            assert procs == standby  # the promoted standby serves (and no new one after a restart)
         # no orphans: the test root's processes are the snapshotter, the holder and the daemon
-        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid, holder_pid, *procs]), \
-            again.log_tail()
+        assert sorted(live_pids_mentioning(str(workdir))) == \
+            sorted([again.pid, holder_pid, *procs, *new_standby]), again.log_tail()
         assert mount_count(fuse_mount) == 1
         assert (mnt / "d" / "f7").read_bytes() == b"7" * 7
         # the same holder serves the new snapshotter, and it holds the new daemon's session again
@@ -239,8 +270,8 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
               f"{result['max_pause'] * 1000:.0f} ms, no error; stale processes at the crash: {left}")
 
         stack.release()
-        if mode == "dedicated":
-            assert not live_pids_mentioning(str(api_socket)) and mount_count(fuse_mount) == 0
+        if mode != "shared":
+            assert not live_pids_mentioning(str(sockets)) and mount_count(fuse_mount) == 0
             assert daemon["id"] not in holder.status()
         else:  # the shared daemon stays up, empty, as it does without failover
             assert not (fuse_mount / mnt.name).exists() and mount_count(fuse_mount) == 1
