@@ -153,7 +153,9 @@ class Control:
         def later() -> None:  # after the 204 went out
             trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
 
-        threading.Timer(0.05, later).start()
+        # Short: a hot upgrade's readers wait from here until the next daemon starts (and the
+        # caller copes with a lost 204: the process is leaving either way).
+        threading.Timer(0.005, later).start()
 
 
 def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Control) -> int:
