@@ -207,6 +207,8 @@ def served_image(boot: Path, blobs: Path, standby: bool) -> Iterator[tuple[Daemo
         yield mgr, events, inst.daemon_id
         mgr.release_unused(set())
     finally:
+        if mgr.supervisors is not None:  # the session holder outlives a snapshotter on purpose
+            mgr.supervisors.shutdown(force=True)
         mgr.close()
         umount_tree(root)
         shutil.rmtree(root, ignore_errors=True)
