@@ -42,7 +42,6 @@ from typing import Any
 
 from nydus_core.builtin import standby as standbys
 from nydus_core.config import DaemonConfig, SnapshotterConfig
-from nydus_core.daemon.client import NydusdClient
 from nydus_core.daemon.manager import DaemonManager
 from nydus_core.daemon.model import DaemonRecord
 from nydus_core.daemon.mounts import umount_tree
@@ -214,16 +213,15 @@ def served_image(boot: Path, blobs: Path, standby: bool) -> Iterator[tuple[Daemo
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_standby(daemon: DaemonRecord, timeout: float = 30.0) -> None:
+def wait_standby(daemon: DaemonRecord, timeout: float = 60.0) -> None:
+    """Until the daemon's standby is warm: INIT with its imports done and its image open."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = standbys.recorded(daemon)
-        if found is not None and standbys.runs(found.pid, found.api_socket):
-            with NydusdClient(found.api_socket, timeout=5) as c:
-                if c.wait_state("INIT", timeout=max(0.1, deadline - time.monotonic()), interval=0.005):
-                    return
+        if found is not None and standbys.runs(found.pid, found.api_socket) and standbys.is_warm(found):
+            return
         time.sleep(0.005)
-    raise RuntimeError(f"no standby of daemon {daemon.id} in INIT after {timeout:g}s")
+    raise RuntimeError(f"no warm standby of daemon {daemon.id} after {timeout:g}s")
 
 
 def start_reader(mnt: Path, want: str, seconds: float) -> subprocess.Popen[bytes]:

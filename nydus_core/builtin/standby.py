@@ -30,6 +30,7 @@ from pathlib import Path
 
 import attrs
 
+from nydus_core.daemon.client import NydusdApiError, NydusdClient, NydusdUnreachable
 from nydus_core.daemon.model import DaemonRecord
 
 PID_FILE = "standby.pid"
@@ -91,3 +92,14 @@ def recorded(daemon: DaemonRecord) -> Standby | None:
             forget(daemon)  # stale: it is the daemon itself now, or not one of ours
         return None
     return standby
+
+
+def is_warm(standby: Standby) -> bool:
+    """Whether the standby has its imports done and its image open (``takeover_ready`` in its
+    ``GET /api/v1/daemon``, our extension): a daemon answers INIT from its first milliseconds,
+    long before a takeover could proceed without waiting."""
+    try:
+        with NydusdClient(standby.api_socket, timeout=2.0) as client:
+            return bool(client.daemon_info().raw.get("takeover_ready"))
+    except (NydusdApiError, NydusdUnreachable, OSError):
+        return False

@@ -69,6 +69,9 @@ class DaemonRuntime:
         self.id = daemon_id
         self.shared = shared
         self.state = STATE_INIT
+        # Extra fields of ``GET /api/v1/daemon`` (ours, not upstream's): a supervised daemon
+        # says ``takeover_ready`` once a takeover would not wait for imports and image loading.
+        self.info_extra: dict[str, Any] = {}
         self.version = version_info()
         self.registry_factory = registry_factory
         self.prefetch_files = prefetch_files or []
@@ -185,7 +188,7 @@ class DaemonRuntime:
         return merged
 
     def daemon_info(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "state": self.state}
+        return {"id": self.id, "version": self.version, "state": self.state, **self.info_extra}
 
     def close(self) -> None:
         with self._lock:

@@ -62,16 +62,14 @@ def _load_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return result
 
 
-def _standby_in_init(daemon: DaemonRecord, timeout: float = 20.0) -> standbys.Standby:
-    """Wait until `daemon`'s standby is recorded and answers INIT; return it."""
+def _standby_in_init(daemon: DaemonRecord, timeout: float = 30.0) -> standbys.Standby:
+    """Wait until `daemon`'s standby is recorded and warm (INIT, imports done, image open)."""
     deadline = time.monotonic() + timeout
     while True:
         found = standbys.recorded(daemon)
-        if found is not None and standbys.runs(found.pid, found.api_socket):
-            with NydusdClient(found.api_socket, timeout=5) as c:
-                if c.wait_state("INIT", timeout=max(0.1, deadline - time.monotonic()), interval=0.01):
-                    return found
-        assert time.monotonic() < deadline, f"no standby of daemon {daemon.id} in INIT"
+        if found is not None and standbys.runs(found.pid, found.api_socket) and standbys.is_warm(found):
+            return found
+        assert time.monotonic() < deadline, f"no warm standby of daemon {daemon.id}"
         time.sleep(0.01)
 
 

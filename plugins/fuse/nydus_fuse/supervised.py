@@ -67,6 +67,7 @@ class Control:
         self.push_on_change = False
         self.trio_token: Any = None
         runtime.actions.update(takeover=self.takeover, start=self.start, sendfd=self.sendfd, exit=self.exit)
+        runtime.info_extra["takeover_ready"] = False  # True once `loaded` (a warm standby)
 
     # -- takeover side ----------------------------------------------------------------------
     def takeover(self) -> None:
@@ -94,6 +95,7 @@ class Control:
                 raise
             self.fuse_fd = fd
             self.runtime.state = STATE_READY
+            self.runtime.info_extra["takeover_ready"] = False
             self.taken.set()
             log.info(
                 "took over the FUSE session of %s (%d image(s), INIT %s)",
@@ -185,6 +187,7 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
         log.error("no in-flight journal (%s): a request that crashes the daemon would loop", e)
         fs.journal = None
     ctl.loaded.set()
+    runtime.info_extra["takeover_ready"] = takeover
     if takeover:
         log.info("live FUSE mount at %s: INIT, waiting for takeover and start", mountpoint)
         ctl.started.wait()
