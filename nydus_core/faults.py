@@ -19,6 +19,10 @@ And in the order a hot upgrade passes them (`nydus_core.builtin.nydusd_upgrade`)
 * ``upgrade-taken-over``: it took the session over (READY); the old daemon still serves;
 * ``upgrade-old-exited``: the old daemon has let go of the session, the new one was not started;
 * ``upgrade-started``: the new one serves (RUNNING), the record still names the old daemon.
+
+And with ``[daemon] failover_standby``:
+
+* ``standby-spawned``: a warm standby was spawned in the background, not yet recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 CRASH_ENV = "NYDUS_SNAPSHOTTER_CRASH_AT"
 STEPS = ("failover-noticed", "failover-spawned", "failover-taken-over", "failover-started")
 UPGRADE_STEPS = ("upgrade-spawned", "upgrade-taken-over", "upgrade-old-exited", "upgrade-started")
+STANDBY_SPAWNED = "standby-spawned"
 
 
 def crash_point(step: str) -> None:

@@ -207,8 +207,11 @@ def reconcile(daemon: DaemonRecord) -> bool:
 
     Several processes name the same API socket only after a recovery was interrupted: each
     spawn unlinks the socket first, so the one bound to it is the latest; the others can no
-    longer be reached and would live on as orphans. True when ``daemon.pid`` changed.
+    longer be reached and would live on as orphans. A process on another socket of the daemon's
+    directory that is not its recorded standby (a standby spawned but not yet recorded) is
+    killed too. True when ``daemon.pid`` changed.
     """
+    _kill_unrecorded_generations(daemon)
     procs = processes_of(daemon)
     if not procs:
         return False
@@ -226,6 +229,32 @@ def reconcile(daemon: DaemonRecord) -> bool:
                     keep)
         daemon.pid = keep
     return changed
+
+
+def _apisock_of(pid: int) -> Path | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        return Path(os.fsdecode(args[args.index(b"--apisock") + 1]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_unrecorded_generations(daemon: DaemonRecord) -> None:
+    """Start-up: kill live processes on another API socket of the daemon's socket directory that
+    neither the record nor the standby record names (nothing would ever drive or stop them)."""
+    standby = standbys.recorded(daemon)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        sock = _apisock_of(pid)
+        if sock is None or sock.parent != daemon.api_socket.parent or sock == daemon.api_socket:
+            continue
+        if (standby is not None and pid == standby.pid and sock == standby.api_socket) or _exited(pid):
+            continue
+        log.warning("daemon %s: killing pid %d on %s: no record names it", daemon.id, pid, sock)
+        kill_now(attrs.evolve(daemon, api_socket=sock, pid=pid))
 
 
 def kill_now(daemon: DaemonRecord) -> None:
@@ -419,6 +448,7 @@ def start_standby(daemon: DaemonRecord) -> None:
             _kill_standby(daemon, current)
         sock = standbys.socket_for(daemon)
         pid = spawn(attrs.evolve(daemon, api_socket=sock, pid=0), args[0], args[1], ["--upgrade"])
+        crash_point("standby-spawned")
         standbys.record(daemon, standbys.Standby(pid, sock))
         log.info("standby of daemon %s: pid %d on %s", daemon.id, pid, sock)
 

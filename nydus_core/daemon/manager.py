@@ -254,6 +254,12 @@ class DaemonManager:
         self._reconcile_holder(daemons)
         for daemon in daemons:
             served = [i for i in instances if i.daemon_id == daemon.id]
+            if daemon.mode is DaemonMode.DEDICATED and not served:
+                # the snapshotter died between starting it and recording its image: nothing
+                # refers to its mount (the Prepare never returned; containerd asks again)
+                log.warning("dedicated daemon %s serves no recorded image: stopping it", daemon.id)
+                self._forget(daemon)
+                continue
             if self.pm.hook.nydus_daemon_reconcile(daemon=daemon):
                 # a snapshotter died mid-failover (or mid-restart): the record now names the
                 # process that serves, or will serve, in place of the dead one

@@ -41,10 +41,10 @@ from nydusd_helpers import Image, build_image
 
 from nydus_core.daemon.client import NydusdClient
 from nydus_core.daemon.holder_client import SessionHolder
-from nydus_core.faults import CRASH_ENV, STEPS
+from nydus_core.faults import CRASH_ENV, STANDBY_SPAWNED, STEPS
 from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
-from nydus_core.testing.services import NydusSnapshotter, unmount_below, wait_until
+from nydus_core.testing.services import NydusSnapshotter, ServiceError, unmount_below, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -128,18 +128,28 @@ class Stack:
             boot.parent.mkdir(parents=True)
             shutil.copyfile(self.image.bootstrap, boot)
             c.commit("sha256:meta", "extract-2 sha256:meta", meta_labels)
-            mounts = c.prepare("container-1", "sha256:meta")
+        self.meta_dir = upper.parent
+        return self.prepare_container("container-1")
+
+    def prepare_container(self, key: str) -> Path:
+        """Prepare a container snapshot on the image; the daemon's mountpoint of the image."""
+        with SnapshotterClient(self.address) as c:
+            mounts = c.prepare(key, "sha256:meta")
         lower = next(o.split("=", 1)[1] for o in mounts[0].options if o.startswith("lowerdir="))
         mnt = Path(lower.split(":")[0])
-        meta_id = upper.parent.name
-        want = self.root / "mnt" / meta_id if self.mode == "shared" else upper.parent / "mnt"
+        meta_id = self.meta_dir.name
+        want = self.root / "mnt" / meta_id if self.mode == "shared" else self.meta_dir / "mnt"
         assert mnt == want, mounts
         return mnt
 
     def release(self) -> None:
         with SnapshotterClient(self.address) as c:
-            for key in ("container-1", "sha256:meta", "sha256:blob"):
-                c.remove(key)
+            for key in ("container-1", "container-2", "sha256:meta", "sha256:blob"):
+                try:
+                    c.remove(key)
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
             c.cleanup()
 
 
@@ -162,8 +172,8 @@ def image() -> Iterator[Image]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _new_standby(sockets: Path) -> list[int]:
-    """The standby started after the promotion (in the background): its pid once recorded."""
+def _new_standby(sockets: Path, snap: NydusSnapshotter) -> list[int]:
+    """The daemon's warm standby (started in the background): its pid once recorded."""
     pid_file = sockets / "standby.pid"
     found: list[int] = []
 
@@ -175,7 +185,10 @@ def _new_standby(sockets: Path) -> list[int]:
                 return True
         return False
 
-    wait_until(recorded, 30, f"a new standby recorded in {pid_file}")
+    try:
+        wait_until(recorded, 30, f"a new standby recorded in {pid_file}")
+    except ServiceError as e:
+        raise AssertionError(f"{e}\n{snap.log_tail()}") from e
     return found
 
 
@@ -212,8 +225,7 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
         fuse_mount = Path(daemon["mountpoint"])  # the image's directory in shared mode is inside it
         standby: list[int] = []
         if mode == "standby":  # wait for the warm standby (started in the background once ready)
-            wait_until(lambda: len(live_pids_mentioning(str(sockets))) == 2, 30, "the standby")
-            standby = [p for p in live_pids_mentioning(str(sockets)) if p != daemon["pid"]]
+            standby = _new_standby(sockets, snap)  # recorded: a failover now promotes it
 
         stop_file = workdir / "stop-reader"
         want = hashlib.sha256(BIG).hexdigest()
@@ -244,7 +256,7 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
         assert not result["errors"], result
         # exactly one daemon process, and it is the one recorded and reported (plus, with a
         # standby, the new standby the promotion is followed by, recorded in standby.pid)
-        new_standby = _new_standby(sockets) if standby else []
+        new_standby = _new_standby(sockets, again) if standby else []
         procs = [p for p in live_pids_mentioning(str(sockets)) if p not in new_standby]
         (listed,) = again.system_get("/api/v1/daemons")
         (record,) = again.system_get("/api/v1/daemons/records")
@@ -330,6 +342,65 @@ def test_daemon_killed_while_no_snapshotter_runs(workdir: Path, image: Image) ->
         stack.release()
         again.stop()
         assert holder.shutdown()
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait()
+        snap.kill9()
+
+
+def test_snapshotter_killed_after_spawning_a_standby(workdir: Path, image: Image) -> None:
+    """``failover_standby``: the snapshotter dies right after it spawned a daemon's warm standby
+    (in the background, once the daemon is ready), before recording it. The next start-up kills
+    that standby (nothing would ever drive or stop it) and keeps the daemon; a later kill -9 of
+    the daemon is failed over with no reader error."""
+    stack = Stack(workdir, image, "standby")
+    snap = stack.snapshotter(env={CRASH_ENV: STANDBY_SPAWNED})
+    snap.start()
+    reader = None
+    try:
+        with contextlib.suppress(grpc.RpcError):  # the crash may beat the answer to Prepare
+            stack.pull_and_prepare()
+        assert snap._proc is not None and snap._proc._proc is not None
+        snap._proc._proc.wait(timeout=30)
+        assert f"killing the snapshotter at step {STANDBY_SPAWNED}" in snap.log_tail()
+        snap.kill9()
+        (sockets,) = (stack.root / "socket").iterdir()
+        before = live_pids_mentioning(str(sockets))
+        assert len(before) == 2 and not (sockets / "standby.pid").exists(), before  # daemon + standby
+        again = stack.snapshotter()
+        again.start()
+        listed = again.system_get("/api/v1/daemons")
+        holder_pid = SessionHolder(stack.root).pid()
+        # the standby is gone; the daemon too if its image was not recorded before the crash
+        assert live_pids_mentioning(str(sockets)) == [d["pid"] for d in listed], (before, listed)
+        mnt = stack.prepare_container("container-2")  # containerd asks again / a new container
+        (listed_daemon,) = again.system_get("/api/v1/daemons")
+        if listed:
+            assert listed_daemon["pid"] == listed[0]["pid"]  # the daemon was kept
+        assert sorted(live_pids_mentioning(str(workdir))) == \
+            sorted([again.pid, holder_pid, *live_pids_mentioning(str(stack.root / "socket"))])
+        assert len(live_pids_mentioning(str(stack.root / "socket"))) in (1, 2)  # + a new standby
+        stop_file = workdir / "stop-reader"
+        want = hashlib.sha256(BIG).hexdigest()
+        reader = subprocess.Popen([sys.executable, str(READER), str(mnt), want, "120", str(stop_file)],
+                                  stdout=subprocess.PIPE)  # fmt: skip
+        time.sleep(0.5)
+        os.kill(listed_daemon["pid"], signal.SIGKILL)
+        old_pid = listed_daemon["pid"]
+        wait_until(lambda: [d["pid"] for d in again.system_get("/api/v1/daemons")] not in ([], [old_pid]),
+                   30, "the failover")  # fmt: skip
+        time.sleep(0.5)
+        stop_file.touch()
+        out, _ = reader.communicate(timeout=60)
+        reader = None
+        result = json.loads(out)
+        assert not result["errors"], result
+        print(f"\n[standby spawned, snapshotter kill -9] processes at the crash {before}, after the "
+              f"restart {[d['pid'] for d in listed]}; later failover: {result['ops']} reader ops, no error")
+        stack.release()
+        again.stop()
+        SessionHolder(stack.root).shutdown(force=True)
     finally:
         if reader is not None and reader.poll() is None:
             reader.kill()
