@@ -60,6 +60,7 @@ class SessionHolder:
         self.log_file = log_file
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
+        self.known_pid = 0  # the holder's pid as last seen (for a pidfd watch), 0 if unknown
 
     def path_of(self, daemon_id: str) -> Path:
         return self.dir / f"{daemon_id}.sock"
@@ -86,9 +87,11 @@ class SessionHolder:
     def pid(self) -> int | None:
         """The pid of the running holder, ``None`` when none answers."""
         try:
-            return int(self.request({"op": "ping"}, timeout=1.0)["pid"])
+            pid = int(self.request({"op": "ping"}, timeout=1.0)["pid"])
         except HolderError:
             return None
+        self.known_pid = pid
+        return pid
 
     def ensure_running(self) -> int:
         """Start the holder unless one answers; its pid."""
@@ -97,6 +100,7 @@ class SessionHolder:
             if pid is not None:
                 return pid
             self._reap()
+            self.known_pid = 0
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             out = None
             if self.log_file is not None:

@@ -320,6 +320,8 @@ class DaemonManager:
             self._check_holder()
         except HolderError:
             log.exception("cannot restart the session holder")
+            if self.supervisors is not None:
+                self.supervisors.known_pid = 0  # no busy loop on its pidfd: the sweeps retry
         dead = []
         for daemon in self.daemons():
             if not self._hook_alive(daemon) and self._recover_dead(daemon, reason="liveness check failed"):
@@ -358,13 +360,17 @@ class DaemonManager:
         self._monitor.start()
 
     def _wait_for_death(self, timeout: float) -> bool:
-        """Wait up to `timeout` for any daemon process to exit; True if one did."""
+        """Wait up to `timeout` for any daemon process (or the session holder) to exit; True if
+        one did."""
         fds: list[int] = []
         try:
-            for d in self.daemons():
-                if d.pid > 0:
+            pids = [d.pid for d in self.daemons()]
+            if self.supervisors is not None and self.supervisors.known_pid:
+                pids.append(self.supervisors.known_pid)  # a dead holder is replaced at once
+            for pid in pids:
+                if pid > 0:
                     with contextlib.suppress(OSError):
-                        fds.append(os.pidfd_open(d.pid))
+                        fds.append(os.pidfd_open(pid))
             if not fds:
                 self._monitor_stop.wait(timeout)
                 return False
