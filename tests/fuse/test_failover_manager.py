@@ -518,3 +518,45 @@ def test_standby_left_ready_is_started(root: Path) -> None:  # noqa: F811
             load.kill()
             load.wait()
         mgr.close()
+
+
+def test_holder_and_daemon_both_dead_is_a_restart(root: Path) -> None:  # noqa: F811
+    """What no design can save: when the session holder and the daemon are both gone, the last
+    reference to the FUSE connection is closed and the kernel aborts it. A file opened before
+    then fails with ENOTCONN; the manager notices that the holder has no session, restarts the
+    daemon as under ``restart`` (stale mount cleared, fresh mount), and new opens work."""
+    img = build_image(root / "build", {"big": BIG})
+    base = _config(root, img.blob_dir, "dedicated")
+    config = attrs.evolve(base, daemon=attrs.evolve(base.daemon, recover_policy="failover"))
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(config, pm)
+    try:
+        mgr.recover()
+        inst = mgr.ensure_instance(_meta(root, "81", img), {})
+        daemon = mgr.daemon(inst.daemon_id)
+        holder = mgr.supervisors
+        assert daemon is not None and holder is not None
+        holder_pid, old = holder.pid(), daemon.pid
+        assert holder_pid is not None
+        fd = os.open(inst.mountpoint / "big", os.O_RDONLY)
+        try:
+            os.kill(holder_pid, signal.SIGKILL)
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while (_alive(holder_pid) or _alive(old)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            with pytest.raises(OSError) as err:
+                os.pread(fd, 4096, 0)
+            assert err.value.errno == errno.ENOTCONN  # what a running container sees
+            assert mgr.check_liveness() == [daemon.id]
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        d = mgr.daemon(daemon.id)
+        assert d is not None and d.pid != old
+        assert (inst.mountpoint / "big").read_bytes() == BIG  # new containers are served
+        assert holder.pid() not in (None, holder_pid) and holder.holds(daemon.id)  # failover again
+        mgr.release_unused(set())
+    finally:
+        mgr.close()
