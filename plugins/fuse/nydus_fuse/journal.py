@@ -10,8 +10,11 @@ inode is answered EIO at once, and everything else is served as usual. Counts li
 file beside the journal and are reset for entries that were not in flight at the last death.
 
 Keys are coarse on purpose: (op, inode) needs no request payload, and for ``read`` it names
-the file. A request in flight beside the poison at `limit` deaths in a row would be poisoned too;
-with a limit of 3 that needs three unlucky deaths in a row.
+the file. Innocent requests in flight beside the poison are charged too, so the daemon runs
+*suspects* (keys charged at the last death but not poisoned) one at a time, and records a suspect
+in the journal only once it runs: at the next death exactly one suspect is charged again, the
+others drop back to zero, and a suspect that completes is cleared. A poison request therefore
+reaches `limit` alone, while an innocent one in flight beside it is never charged twice in a row.
 """
 
 from __future__ import annotations
@@ -77,10 +80,13 @@ class Journal:
             self._map.close()
 
 
-def judge(journal: Journal, counts_path: str, limit: int = DEFAULT_LIMIT) -> set[tuple[str, int]]:
-    """At a takeover: charge the dead daemon's in-flight requests, return the poisoned ones.
+def judge(
+    journal: Journal, counts_path: str, limit: int = DEFAULT_LIMIT
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """At a takeover: charge the dead daemon's in-flight requests; returns (poisoned, suspects).
 
-    Clears the journal for the new daemon.
+    Suspects were in flight at the last death and are below `limit`. Clears the journal for the
+    new daemon.
     """
     old: dict[str, int] = {}
     try:
@@ -101,12 +107,13 @@ def judge(journal: Journal, counts_path: str, limit: int = DEFAULT_LIMIT) -> set
         json.dump(counts, f)
     os.replace(tmp, counts_path)
     journal.clear()
-    poisoned = set()
+    poisoned: set[tuple[str, int]] = set()
+    suspects: set[tuple[str, int]] = set()
     for key, n in counts.items():
         name, _, number = key.partition(":")
-        if n >= limit and number.isdigit():
-            poisoned.add((name, int(number)))
+        if number.isdigit():
+            (poisoned if n >= limit else suspects).add((name, int(number)))
     if counts:
-        log.warning("requests in flight at the last death(s), with counts: %s; answered EIO from now on: %s",
-                    counts, sorted(poisoned))  # fmt: skip
-    return poisoned
+        log.warning("requests in flight at the last death(s), with counts: %s; answered EIO from now on: %s; "
+                    "run one at a time: %s", counts, sorted(poisoned), sorted(suspects))  # fmt: skip
+    return poisoned, suspects

@@ -202,7 +202,7 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
     if fs.journal is not None:
         try:
             if takeover:  # read only now: the journal holds what the dead daemon had in flight
-                fs.poisoned = judge(fs.journal, counts)
+                fs.poisoned, fs.suspects = judge(fs.journal, counts)
             else:  # a new session: nothing is in flight, nothing has crashed yet
                 fs.journal.clear()
                 with contextlib.suppress(FileNotFoundError):
