@@ -173,7 +173,7 @@ def build(work: Path, big_mib: int) -> tuple[Path, Path, str]:
     return boot, blobs, hashlib.sha256(big).hexdigest()
 
 
-def snapshotter_config(root: Path, blobs: Path, standby: bool) -> SnapshotterConfig:
+def snapshotter_config(root: Path, blobs: Path, standby: bool, mode: str = "dedicated") -> SnapshotterConfig:
     template = root / "nydusd-config.json"
     template.write_text(json.dumps({
         "device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
@@ -182,17 +182,20 @@ def snapshotter_config(root: Path, blobs: Path, standby: bool) -> SnapshotterCon
     }))  # fmt: skip
     daemon = DaemonConfig(nydusd_path=nydusd_py(), nydusd_config=template, recover_policy="failover",
                           failover_standby=standby)  # fmt: skip
-    return SnapshotterConfig(root=root, daemon=daemon)
+    return SnapshotterConfig(root=root, daemon=daemon, daemon_mode=mode)
 
 
 @contextlib.contextmanager
-def served_image(boot: Path, blobs: Path, standby: bool) -> Iterator[tuple[DaemonManager, Events, str]]:
-    """A manager serving the image from one dedicated daemon; yields it, its events, the daemon id."""
+def served_image(
+    boot: Path, blobs: Path, standby: bool, daemon_mode: str = "dedicated"
+) -> Iterator[tuple[DaemonManager, Events, str, Path]]:
+    """A manager serving the image from one daemon (`daemon_mode`); yields it, its events, the
+    daemon id and the image's mountpoint."""
     root = Path(tempfile.mkdtemp(prefix="nbf-", dir="/tmp"))  # short: unix socket paths
     events = Events()
     pm = build_plugin_manager([], entry_points=False, env={})
     pm.register(events, name="bench-events")
-    mgr = DaemonManager(snapshotter_config(root, blobs, standby), pm)
+    mgr = DaemonManager(snapshotter_config(root, blobs, standby, daemon_mode), pm)
     try:
         mgr.recover()
         meta = root / "snapshots" / "1" / "fs" / "image" / "image.boot"
@@ -203,9 +206,10 @@ def served_image(boot: Path, blobs: Path, standby: bool) -> Iterator[tuple[Daemo
                             labels={L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: ref})  # fmt: skip
         inst = mgr.ensure_instance(image, {})
         mgr.start_liveness_monitor(interval=5.0)
-        yield mgr, events, inst.daemon_id
+        yield mgr, events, inst.daemon_id, inst.mountpoint
         mgr.release_unused(set())
     finally:
+        mgr.stop_liveness_monitor()  # else it sees the holder go and starts a new one
         if mgr.supervisors is not None:  # the session holder outlives a snapshotter on purpose
             mgr.supervisors.shutdown(force=True)
         mgr.close()
@@ -241,14 +245,20 @@ def pause_around(slow: list[list[float]], t: float, until: float) -> float:
 
 
 def run_mode(
-    mode: str, boot: Path, blobs: Path, want: str, kills: int, gap: float, seconds: float = 0.0
+    mode: str,
+    boot: Path,
+    blobs: Path,
+    want: str,
+    kills: int,
+    gap: float,
+    seconds: float = 0.0,
+    daemon_mode: str = "dedicated",
 ) -> dict[str, Any]:
     """`kills` kill -9 (`mode` standby or cold), or none for `seconds` (mode baseline)."""
     standby = mode != "cold"
-    with served_image(boot, blobs, standby) as (mgr, events, did):
+    with served_image(boot, blobs, standby, daemon_mode) as (mgr, events, did, mnt):
         daemon = mgr.daemon(did)
         assert daemon is not None
-        mnt = daemon.mountpoint
         if standby:
             wait_standby(daemon)
         if mode != "baseline":
@@ -299,6 +309,12 @@ def main() -> None:
     p.add_argument("--modes", default="standby,cold", help="standby and/or cold (default both)")
     p.add_argument("--gap", type=float, default=0.5, help="seconds of reading before each kill (0.5)")
     p.add_argument("--big-mib", type=int, default=16, help="size of the big file (16 MiB)")
+    p.add_argument(
+        "--daemon-mode",
+        default="dedicated",
+        choices=["dedicated", "shared"],
+        help="one daemon per image, or images attached to one shared daemon (dedicated)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -311,8 +327,17 @@ def main() -> None:
         for mode in [m for m in args.modes.split(",") if m]:
             if mode not in ("standby", "cold"):
                 sys.exit(f"unknown mode {mode!r}")
-            rows.append(run_mode(mode, boot, blobs, want, args.kills, args.gap))
-            base = run_mode("baseline", boot, blobs, want, 0, 0.0, seconds=rows[-1]["seconds"])
+            rows.append(run_mode(mode, boot, blobs, want, args.kills, args.gap, daemon_mode=args.daemon_mode))
+            base = run_mode(
+                "baseline",
+                boot,
+                blobs,
+                want,
+                0,
+                0.0,
+                seconds=rows[-1]["seconds"],
+                daemon_mode=args.daemon_mode,
+            )
             rows.append({**base, "mode": f"baseline ({mode})"})
         load_after = os.getloadavg()
     finally:
@@ -321,9 +346,9 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    print(f"\n{args.kills} kill -9 per mode, {args.gap:g}s of reading before each, big file "
-          f"{args.big_mib} MiB; {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after")  # fmt: skip
+    print(f"\n{args.daemon_mode} daemon, {args.kills} kill -9 per mode, {args.gap:g}s of reading before "
+          f"each, big file {args.big_mib} MiB; {os.cpu_count()} CPUs, load average "
+          f"{load_before[0]:.2f} before, {load_after[0]:.2f} after")  # fmt: skip
     head = ("mode", "kills", "errors", "reader ops", "longest op ms", "pause p50 ms", "kill->RUNNING p50 ms",
             "max ms", "death noticed p50 ms")  # fmt: skip
     keys = ("longest_op_ms", "pause_p50_ms", "kill_to_running_p50_ms", "kill_to_running_max_ms",

@@ -18,7 +18,7 @@ of the mount would get ENOTCONN. So the sessions live here, in a process of its 
 Per daemon ``<root>/supervisor/<id>.sock`` (0600) speaks the supervisor wire protocol that
 ``nydusd-py`` and a real ``nydusd`` already use (see ``nydus_core.daemon.supervisor``): one
 ``SOCK_SEQPACKET`` message each way, ``{"op": "save", "state": {...}}`` + one fd, or
-``{"op": "fetch"}`` answered with the state and the fd.
+``{"op": "fetch"}`` answered with the state and the fd (``{"op": "peek"}``: the state alone).
 
 The control socket ``<root>/supervisor/holder.ctl`` (0600, same framing, no fds) serves the
 manager: ``ping``, ``ensure`` (id → socket path), ``remove`` (close the socket and drop the fd),
@@ -216,6 +216,10 @@ class Holder:
             s.fetches += 1
             log.info("%s: handing the FUSE session over (fetch %d)", s.id, s.fetches)
             return {"ok": True, "state": s.state}, [s.fd], fds
+        if op == "peek":  # the state alone: a warm standby pre-opens the images it names
+            if s.fd < 0:
+                return {"ok": False, "error": "no state saved"}, [], fds
+            return {"ok": True, "state": s.state}, [], fds
         return {"ok": False, "error": f"unknown op {op!r}"}, [], fds
 
     # -- the manager's control socket -------------------------------------------------------

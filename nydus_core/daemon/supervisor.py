@@ -9,7 +9,8 @@ bootstrap/config paths, the saved FUSE INIT request) plus a dup of the fd over a
 Wire protocol, one ``SOCK_SEQPACKET`` message each way (message boundaries keep fd and JSON
 together): the client sends ``{"op": "save", "state": {...}}`` with exactly one fd, or
 ``{"op": "fetch"}``; the supervisor answers ``{"ok": true}`` / ``{"ok": true, "state": {...}}`` with
-the fd, or ``{"ok": false, "error": "..."}``. Sockets are created 0600.
+the fd, or ``{"ok": false, "error": "..."}``. ``{"op": "peek"}`` (our extension) answers the state
+without the fd. Sockets are created 0600.
 
 The snapshotter does not run these in-process supervisors: its daemon manager uses the session
 holder (`nydus_core.daemon.holder`), a process of its own that serves the same protocol and
@@ -143,6 +144,10 @@ class Supervisor:
                     _send(conn, {"ok": False, "error": "no state saved"}, [])
                 else:
                     log.info("supervisor %s: handed the FUSE session over", self.daemon_id or self.path)
+            elif op == "peek":
+                st = self.state()
+                _send(conn, {"ok": True, "state": st} if st is not None else
+                      {"ok": False, "error": "no state saved"}, [])  # fmt: skip
             else:
                 _send(conn, {"ok": False, "error": f"unknown op {op!r}"}, [])
         finally:
@@ -185,6 +190,20 @@ def send_state(path: Path | str, state: dict[str, Any], fd: int) -> None:
         os.close(extra)
     if not reply.get("ok"):
         raise SupervisorError(f"supervisor {path} refused the state: {reply.get('error')}")
+
+
+def peek_state(path: Path | str) -> dict[str, Any]:
+    """The saved state without the fd (``{"op": "peek"}``, our extension): a warm standby opens
+    the images it names ahead of the takeover. Raises `SupervisorError` when there is none."""
+    with _connect(path) as sock:
+        _send(sock, {"op": "peek"}, [])
+        reply, fds = _recv(sock)
+    for fd in fds:
+        os.close(fd)
+    if not reply.get("ok") or not isinstance(reply.get("state"), dict):
+        raise SupervisorError(f"supervisor {path} has no state to show: {reply.get('error')}")
+    state: dict[str, Any] = reply["state"]
+    return state
 
 
 def fetch_state(path: Path | str) -> tuple[dict[str, Any], int]:

@@ -105,10 +105,19 @@ class DaemonRuntime:
             raise ApiError(500, "EIO", f"bootstrap {bootstrap}: {e}") from e
         return inst
 
-    def add(self, mount_id: str, bootstrap: str, config_text: str, slot: int | None = None) -> RafsInstance:
+    def add(
+        self,
+        mount_id: str,
+        bootstrap: str,
+        config_text: str,
+        slot: int | None = None,
+        *,
+        prefetch: bool = True,
+    ) -> RafsInstance:
         """Open and register an image (`mount_id` "" for a dedicated daemon's own image).
 
         `slot` is given only by a takeover, which must reuse the dead daemon's inode numbers.
+        A warm standby opens images with `prefetch` off: the serving daemon prefetches them.
         """
         if self.shared and not mount_id:
             raise ApiError(400, "EINVAL", "a shared daemon mounts images at /<id>, not at /")
@@ -130,7 +139,8 @@ class DaemonRuntime:
             self.slots[mount_id] = slot
             self.by_slot[slot] = inst
             self.specs[mount_id] = (bootstrap, config_text)
-        inst.start_prefetch()
+        if prefetch:
+            inst.start_prefetch()
         for cb in self.listeners:
             cb(mount_id, inst)
         log.info("mounted /%s from %s (%d blob(s))", mount_id, bootstrap, len(inst.caches))

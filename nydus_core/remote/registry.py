@@ -19,6 +19,7 @@ Why the details matter:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -80,6 +81,14 @@ def _tls_verify(ca_files: Sequence[str], skip_verify: bool) -> ssl.SSLContext | 
     """Verification is on unless asked otherwise; extra CA files are added to the system roots."""
     if skip_verify:
         return False
+    return _tls_context(tuple(ca_files))
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(ca_files: tuple[str, ...]) -> ssl.SSLContext:
+    """One context per CA set and process: loading the system roots costs tens of milliseconds,
+    and a shared daemon opens a client per image (a failover re-opens them all at once).
+    Contexts are safe to share between clients and threads; a failed load is not cached."""
     ctx = ssl.create_default_context()
     for ca in ca_files:
         try:
@@ -87,6 +96,12 @@ def _tls_verify(ca_files: Sequence[str], skip_verify: bool) -> ssl.SSLContext | 
         except (OSError, ssl.SSLError) as e:
             raise RegistryError(f"cannot load CA file {ca}: {e}") from e
     return ctx
+
+
+def warm_up() -> None:
+    """Build what the first client of this process needs (imports, the default TLS context), so
+    that a daemon waiting to take over does not spend that inside the failover pause."""
+    _tls_context(())
 
 
 def _tls_failure(e: BaseException) -> str | None:

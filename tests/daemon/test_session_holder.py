@@ -22,7 +22,7 @@ import pytest
 
 from nydus_core.daemon import holder as holder_module
 from nydus_core.daemon.holder_client import HolderError, SessionHolder
-from nydus_core.daemon.supervisor import fetch_state, send_state
+from nydus_core.daemon.supervisor import SupervisorError, fetch_state, peek_state, send_state
 
 
 @pytest.fixture
@@ -52,12 +52,15 @@ def test_holder_keeps_a_session_and_hands_it_over(holder: SessionHolder) -> None
     assert stat.S_IMODE(entry.path.stat().st_mode) == 0o600
     assert holder.get("d1") is not None and not entry.has_state
     assert holder.get("other") is None
+    with pytest.raises(SupervisorError, match="no state"):
+        peek_state(entry.path)
     # a daemon saves its state and fd (a pipe stands in for /dev/fuse), then exits
     r, w = os.pipe()
     send_state(entry.path, {"mountpoint": "/m", "fuse_init": "00"}, w)
     os.close(w)
     assert entry.has_state
     assert holder.status()["d1"]["mountpoint"] == "/m"
+    assert peek_state(entry.path) == {"mountpoint": "/m", "fuse_init": "00"}  # a standby's look, no fd
     # a replacement fetches the same file back: what it writes comes out of our read end
     state, fd = fetch_state(entry.path)
     assert state == {"mountpoint": "/m", "fuse_init": "00"}

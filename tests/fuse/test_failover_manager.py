@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -558,5 +559,51 @@ def test_holder_and_daemon_both_dead_is_a_restart(root: Path) -> None:  # noqa: 
         assert (inst.mountpoint / "big").read_bytes() == BIG  # new containers are served
         assert holder.pid() not in (None, holder_pid) and holder.holds(daemon.id)  # failover again
         mgr.release_unused(set())
+    finally:
+        mgr.close()
+
+
+def test_shared_standby_preloads_images_and_matches_the_state_at_takeover(root: Path) -> None:  # noqa: F811
+    """A shared daemon's standby opens the images of the supervisor's state before any death (so
+    the takeover does not); images attached or detached after that are matched at the takeover:
+    the new one is served with its inode numbers, the detached one is gone."""
+    img = build_image(root / "build", {"big": BIG, "a.txt": b"A\n"})
+    img2 = build_image(root / "build2", {"b.txt": b"B\n" * 1000}, name="two")
+    img3 = build_image(root / "build3", {"c.txt": b"C\n"}, name="three")
+    for extra in (img2, img3):
+        for blob in extra.blob_dir.iterdir():
+            shutil.copyfile(blob, img.blob_dir / blob.name)
+    base = _config(root, img.blob_dir, "shared")
+    daemon_cfg = attrs.evolve(base.daemon, recover_policy="failover", failover_standby=True)
+    pm = build_plugin_manager([], entry_points=False, env={})
+    mgr = DaemonManager(attrs.evolve(base, daemon=daemon_cfg), pm)
+    try:
+        mgr.recover()
+        a = mgr.ensure_instance(_meta(root, "81", img), {})
+        c = mgr.ensure_instance(_meta(root, "83", img3), {})
+        daemon = mgr.daemon(a.daemon_id)
+        assert daemon is not None
+        warm = _standby_in_init(daemon)  # it preloaded 81 and 83
+        b = mgr.ensure_instance(_meta(root, "82", img2), {})  # attached after the preload
+        ino_b = os.stat(b.mountpoint / "b.txt").st_ino
+        mgr.release_unused({"81", "82"})  # 83 detached after the preload
+        assert not (daemon.mountpoint / "83").exists()
+        mgr.start_liveness_monitor(interval=5.0)
+        old = daemon.pid
+        os.kill(old, signal.SIGKILL)
+        d = _wait_failover(mgr, pm, a.daemon_id, old)
+        assert d.pid == warm.pid  # the standby took over
+        log = (d.log_dir / "nydusd.log").read_text()
+        assert "cannot preload" not in log, log
+        # detached by the old daemon, then preloaded by the standby and closed at its takeover
+        assert log.count("umounted /83") == 2, log
+        assert (a.mountpoint / "big").read_bytes() == BIG
+        assert (b.mountpoint / "b.txt").read_bytes() == b"B\n" * 1000
+        assert os.stat(b.mountpoint / "b.txt").st_ino == ino_b  # same inode numbers as before
+        assert sorted(os.listdir(d.mountpoint)) == ["81", "82"]
+        assert not (c.mountpoint / "c.txt").exists()
+        mgr.release_unused(set())
+        (shared,) = mgr.daemons()
+        pm.hook.nydus_daemon_stop(daemon=shared)
     finally:
         mgr.close()

@@ -31,7 +31,7 @@ import signal
 import threading
 from typing import Any
 
-from nydus_core.daemon.supervisor import SupervisorError, fetch_state, send_state
+from nydus_core.daemon.supervisor import SupervisorError, fetch_state, peek_state, send_state
 from nydus_core.nydusd.runtime import STATE_READY, STATE_RUNNING, ApiError, DaemonRuntime
 from nydus_fuse.journal import Journal, judge
 from nydus_fuse.session import ReplaySession, fuse_mounted, init_info, mount_fuse, unmount
@@ -61,6 +61,7 @@ class Control:
         self.fuse_fd = -1
         self.init = b""
         self.taken = threading.Event()
+        self.preloaded: set[str] = set()  # images a standby opened before its takeover
         self.started = threading.Event()
         self.running = threading.Event()
         self.leave_mounted = False
@@ -86,9 +87,7 @@ class Control:
                 if os.path.abspath(str(state.get("mountpoint", ""))) != self.mountpoint:
                     raise ApiError(400, "EINVAL", f"supervisor state is for {state.get('mountpoint')!r}, "
                                                   f"not {self.mountpoint}")  # fmt: skip
-                for m in state.get("mounts", []):
-                    if m["id"] and m["id"] not in self.runtime.instances:
-                        self.runtime.add(m["id"], m["source"], m["config"], slot=int(m["slot"]))
+                self._match_images(state.get("mounts", []))
                 self.init = bytes.fromhex(state["fuse_init"])
             except BaseException:
                 os.close(fd)
@@ -103,6 +102,43 @@ class Control:
                 len(state.get("mounts", [])),
                 init_info(self.init),
             )
+
+    def preload(self) -> None:
+        """A shared standby opens the images the supervisor's state names now, with their slots,
+        so that the takeover finds them open (opening costs tens of milliseconds each)."""
+        try:
+            state = peek_state(self.args.supervisor)
+        except SupervisorError as e:
+            log.info("no state to preload images from (%s)", e)
+            return
+        for m in state.get("mounts", []):
+            try:
+                if m["id"]:
+                    self.runtime.add(m["id"], m["source"], m["config"], slot=int(m["slot"]), prefetch=False)
+                    self.preloaded.add(m["id"])
+            except (ApiError, KeyError, TypeError, ValueError) as e:
+                log.warning("cannot preload image %r: %s", m.get("id"), e)
+
+    def _match_images(self, mounts: list[dict[str, Any]]) -> None:
+        """Make the open images exactly the state's: preloaded ones that were detached since (or
+        got another slot or source) are closed, missing ones opened with their slots."""
+        wanted = {m["id"]: m for m in mounts if m["id"]}
+        current = {m["id"]: m for m in self.runtime.mounts_state() if m["id"]}
+        for mid, have in current.items():
+            want = wanted.get(mid)
+            if want is None or (want["source"], want["config"], int(want["slot"])) != (
+                have["source"], have["config"], int(have["slot"])
+            ):
+                self.runtime.remove(mid)
+                self.preloaded.discard(mid)
+        for mid, m in wanted.items():
+            if mid not in self.runtime.instances:
+                self.runtime.add(mid, m["source"], m["config"], slot=int(m["slot"]))
+        for mid in self.preloaded:  # what the dead daemon was prefetching goes on here
+            inst = self.runtime.instances.get(mid)
+            if inst is not None:
+                inst.start_prefetch()
+        self.preloaded.clear()
 
     def start(self) -> None:
         """Serve the taken-over session; answers once RUNNING (or after `START_WAIT`), so the
@@ -186,6 +222,16 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
     except OSError as e:
         log.error("no in-flight journal (%s): a request that crashes the daemon would loop", e)
         fs.journal = None
+    if takeover and args.bootstrap is None:
+        # A shared daemon's images are not on its command line: open those the supervisor's
+        # state names now, and build what opening one more needs (the registry client's HTTP
+        # stack and TLS roots, ~100 ms), so that neither falls inside the failover pause.
+        # Before `loaded`: a takeover waits for this instead of racing it.
+        import nydus_core.remote.backend  # noqa: F401
+        from nydus_core.remote.registry import warm_up
+
+        warm_up()
+        ctl.preload()
     ctl.loaded.set()
     runtime.info_extra["takeover_ready"] = takeover
     if takeover:
