@@ -55,6 +55,7 @@ __all__ = [
     "live_pids_mentioning",
     "nydus_services_dir",
     "nydus_snapshotter",
+    "process_alive",
     "pytest_runtest_makereport",
     "registry",
     "snapshotter_executable",
@@ -129,6 +130,15 @@ def unmount_below(prefix: Path) -> None:
         subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie is dead: its parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def live_pids_mentioning(text: str) -> list[int]:
     """Processes (not zombies, not this one) whose command line contains `text` (a test's own
     temp dir: what a teardown must not leave behind)."""
@@ -140,12 +150,10 @@ def live_pids_mentioning(text: str) -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if text.encode() not in f.read():
                     continue
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except (OSError, IndexError):
+        except OSError:
             continue
-        found.append(int(entry))
+        if process_alive(int(entry)):
+            found.append(int(entry))
     return found
 
 

@@ -376,7 +376,7 @@ def test_index_picks_the_platform(busybox_image: str) -> None:
         return {"mediaType": m.media_type, "digest": m.digest, "size": len(m.data),
                 "platform": {"os": "linux", "architecture": arch}}  # fmt: skip
 
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
              "manifests": [entry("arm64"), entry("amd64")]}  # fmt: skip
     client = client_for(busybox_image)
     try:
@@ -453,7 +453,8 @@ def test_zstd_source_layers(registry: Registry) -> None:
         config = json.dumps(config_doc).encode()
         config_digest, _ = client.push_blob(config)
         config_desc = {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)}
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": layers}
+        manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc,
+                                    "layers": layers}
         client.push_manifest("latest", json.dumps(manifest).encode(), manifest["mediaType"])
     finally:
         client.close()

@@ -35,7 +35,7 @@ def holder(root: Path) -> Iterator[SessionHolder]:
 
 def test_holder_imports_only_the_standard_library() -> None:
     tree = ast.parse(Path(holder_module.__file__).read_text())
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(a.name.split(".")[0] for a in node.names)

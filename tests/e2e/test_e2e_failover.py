@@ -45,7 +45,7 @@ from nydus_core.daemon.client import NydusdClient
 from nydus_core.daemon.manager import FAILOVER_SETTLE
 from nydus_core.nydusd.runtime import STATE_INIT
 from nydus_core.testing.container_load import BIG_SIZE, ContainerLoad, LoadImage, LoadResult, wait_for_passes
-from nydus_core.testing.services import Registry, ServiceError, wait_until
+from nydus_core.testing.services import Registry, ServiceError, process_alive, wait_until
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root]
 
@@ -98,13 +98,6 @@ def _serving(stack: E2EStack, ref: str) -> dict[str, Any] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_replaced(stack: E2EStack, ref: str, daemon_id: str, old_pid: int, timeout: float = 60) -> int:
     """Wait until the system API lists `daemon_id` for `ref` again with a new, live pid."""
     found: dict[str, int] = {}
@@ -112,7 +105,8 @@ def _wait_replaced(stack: E2EStack, ref: str, daemon_id: str, old_pid: int, time
     def replaced() -> bool:
         with contextlib.suppress(ServiceError, OSError):
             d = _serving(stack, ref)
-            if d is not None and d["id"] == daemon_id and d["pid"] not in (0, old_pid) and _alive(d["pid"]):
+            if (d is not None and d["id"] == daemon_id and d["pid"] not in (0, old_pid)
+                    and process_alive(d["pid"])):
                 found["pid"] = int(d["pid"])
                 return True
         return False
@@ -278,7 +272,7 @@ def test_restart_and_none_policies_what_containers_see(policy: str, registry: Re
             wait_until(lambda: len(running.error_lines()) >= 3, 30, "the running container to see errors")
             result = running.stop()
         again = _serving(stack, ref)
-        assert again is not None and _alive(int(again["pid"])), stack.daemons()
+        assert again is not None and process_alive(int(again["pid"])), stack.daemons()
         if policy == "restart":
             assert again["id"] == d["id"] and again["pid"] == new_pid, again
         else:

@@ -30,7 +30,7 @@ from e2e_helpers import FAILOVER, E2EStack
 
 from nydus_core.daemon.client import NydusdClient
 from nydus_core.testing.container_load import ContainerLoad, LoadImage, wait_for_passes
-from nydus_core.testing.services import Registry
+from nydus_core.testing.services import Registry, process_alive
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root]
 
@@ -60,13 +60,6 @@ def _serving(stack: E2EStack, ref: str) -> dict[str, Any]:
 def _package_ver(api_socket: str) -> str:
     with NydusdClient(Path(api_socket), timeout=5) as c:
         return str(c.daemon_info().version.get("package_ver", ""))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("mode", ["dedicated", "shared"])
@@ -106,7 +99,7 @@ def test_hot_upgrade_under_running_containers(mode: str, registry: Registry, loa
             wait_for_passes(loads, {x.name: x.passes() + 2 for x in loads}, 120)
             results = [big.stop(), tree.stop()]
         assert after["id"] == before["id"] and after["mountpoint"] == before["mountpoint"]
-        assert after["pid"] != before["pid"] and not _alive(before["pid"])
+        assert after["pid"] != before["pid"] and not process_alive(before["pid"])
         assert after["pid"] == _serving(stack, ref)["pid"]
     for r in results:
         assert r.exit_code == 0, f"container {r.name} exited {r.exit_code}: {r.stderr}"

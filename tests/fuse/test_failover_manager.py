@@ -40,6 +40,7 @@ from nydus_core.daemon.manager import DaemonManager
 from nydus_core.daemon.model import DaemonRecord
 from nydus_core.daemon.mounts import is_mounted
 from nydus_core.plugins import build_plugin_manager
+from nydus_core.testing.services import live_pids_mentioning, process_alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -107,7 +108,7 @@ def test_failover_policy_keeps_readers_going(mode: str, standby: bool, root: Pat
             deadline = time.monotonic() + 20
             while True:
                 d = mgr.daemon(inst.daemon_id)
-                if d is not None and d.pid != old and pm.hook.nydus_daemon_alive(daemon=d):
+                if d is not None and d.pid != old and pm.hook.nydus_daemonprocess_alive(daemon=d):
                     break
                 assert time.monotonic() < deadline, "no failover within 20 s"
                 time.sleep(0.005)
@@ -157,7 +158,7 @@ def test_restart_policy_breaks_open_files_but_serves_new_opens(root: Path) -> No
         try:
             os.kill(daemon.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+            while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert mgr.check_liveness() == [daemon.id]
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -207,7 +208,7 @@ def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: py
         result = _load_result(load)
         assert not result["errors"], result
         d = mgr.daemon(inst.daemon_id)
-        assert d is not None and pm.hook.nydus_daemon_alive(daemon=d)
+        assert d is not None and pm.hook.nydus_daemonprocess_alive(daemon=d)
         assert (inst.mountpoint / "big").read_bytes() == BIG
         ops = result["ops"]
         print(f"\n[poison] EIO after {deaths} deaths in {took:.2f}s; {ops} other reader ops: no error")
@@ -243,7 +244,7 @@ def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
         old = daemon.pid
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mgr.check_liveness() == [daemon.id]
         d = mgr.daemon(inst.daemon_id)
@@ -279,17 +280,17 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         for _ in range(2):  # within the limit: failed over each time
             os.kill(pids[-1], signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+            while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert mgr.check_liveness() == [daemon.id]
             d = mgr.daemon(daemon.id)
-            assert d is not None and d.pid not in pids and pm.hook.nydus_daemon_alive(daemon=d)
+            assert d is not None and d.pid not in pids and pm.hook.nydus_daemonprocess_alive(daemon=d)
             pids.append(d.pid)
             daemon = d
         assert (inst.mountpoint / "big").read_bytes() == BIG
         os.kill(pids[-1], signal.SIGKILL)  # the third death within the window
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         with caplog.at_level("ERROR", logger="nydus_core.daemon.manager"):
             assert mgr.check_liveness() == [daemon.id]
@@ -301,7 +302,7 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         assert daemon.id not in mgr.supervisors.status()
         # no respawn now or at the next sweeps
         assert mgr.check_liveness() == [] and mgr.check_liveness() == []
-        alive = [p for p in _pids_mentioning(str(api_socket)) if _alive(p)]
+        alive = live_pids_mentioning(str(api_socket))
         assert alive == [], alive
         # a new container of the image gets a fresh daemon (and a fresh death count)
         again = mgr.ensure_instance(_meta_again(root, "61"), {})
@@ -320,24 +321,6 @@ def _meta_again(snapshotter_root: Path, meta_id: str) -> Any:
     ref = "localhost/test/img:latest"
     return ImageSource(format="nydus", meta_id=meta_id, bootstrap=boot, image_ref=ref,
                        labels={L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: ref})  # fmt: skip
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F811
@@ -359,7 +342,7 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
         assert first is not None and holder.holds(daemon.id)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while _alive(first) and time.monotonic() < deadline:
+        while process_alive(first) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert (inst.mountpoint / "big").read_bytes() == BIG  # the daemon's own fd keeps the mount
         # the liveness monitor watches the holder's pidfd too: replaced long before the next sweep
@@ -375,7 +358,7 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
         old = daemon.pid
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mgr.check_liveness() == [daemon.id]
         d = mgr.daemon(daemon.id)
@@ -390,7 +373,7 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
 
 def _daemons_left(where: Path) -> list[int]:
     """Live daemon processes (daemons and standbys: their API sockets are under ``socket/``)."""
-    return [p for p in _pids_mentioning(str(where / "socket")) if _alive(p)]
+    return live_pids_mentioning(str(where / "socket"))
 
 
 def _standby_config(where: Path, blob_dir: Path) -> Any:
@@ -403,7 +386,7 @@ def _wait_failover(mgr: DaemonManager, pm: Any, daemon_id: str, old_pid: int) ->
     deadline = time.monotonic() + 20
     while True:
         d = mgr.daemon(daemon_id)
-        if d is not None and d.pid != old_pid and pm.hook.nydus_daemon_alive(daemon=d):
+        if d is not None and d.pid != old_pid and pm.hook.nydus_daemonprocess_alive(daemon=d):
             return d
         assert time.monotonic() < deadline, "no failover within 20 s"
         time.sleep(0.005)
@@ -544,7 +527,7 @@ def test_holder_and_daemon_both_dead_is_a_restart(root: Path) -> None:  # noqa: 
             os.kill(holder_pid, signal.SIGKILL)
             os.kill(old, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while (_alive(holder_pid) or _alive(old)) and time.monotonic() < deadline:
+            while (process_alive(holder_pid) or process_alive(old)) and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             with pytest.raises(OSError) as err:

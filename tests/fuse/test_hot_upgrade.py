@@ -38,7 +38,7 @@ from nydus_core.daemon.mounts import is_mounted
 from nydus_core.faults import CRASH_ENV, UPGRADE_STEPS
 from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
-from nydus_core.testing.services import NydusSnapshotter, unmount_below
+from nydus_core.testing.services import NydusSnapshotter, live_pids_mentioning, process_alive, unmount_below
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -47,25 +47,6 @@ FILES = {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
 REF = "localhost/test/upgrade:latest"
 NEW_VERSION = "0.1.0+hot-upgrade-test"
 READER = Path(__file__).with_name("failover_reader.py")
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie is dead: its parent, the snapshotter, may not have reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -77,7 +58,7 @@ def _cmdline(pid: int) -> list[str]:
 def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="nyup-", dir="/tmp"))  # short: unix socket paths
     yield d
-    for pid in _pids_mentioning(str(d)):  # daemons we started name the workdir in their argv
+    for pid in live_pids_mentioning(str(d)):  # daemons we started name the workdir in their argv
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)
@@ -251,7 +232,7 @@ def wait_new_pid(stack: Stack, old: int, timeout: float = 30.0) -> dict[str, Any
     while True:
         with contextlib.suppress(Exception):
             d = stack.daemon()
-            if d["pid"] != old and _alive(d["pid"]) and package_ver(d["api_socket"]):
+            if d["pid"] != old and process_alive(d["pid"]) and package_ver(d["api_socket"]):
                 return d
         assert time.monotonic() < deadline, f"no new daemon within {timeout}s:\n{stack.snap.log_tail()}"
         time.sleep(0.01)
@@ -263,7 +244,7 @@ def standby_of(socket_dir: Path, timeout: float = 30.0, not_pid: int = 0) -> tup
     while True:
         with contextlib.suppress(OSError, ValueError):
             pid = int((socket_dir / "standby.pid").read_text().split()[0])
-            if pid != not_pid and _alive(pid):
+            if pid != not_pid and process_alive(pid):
                 return pid, _cmdline(pid)
         assert time.monotonic() < deadline, "no standby"
         time.sleep(0.02)
@@ -294,11 +275,11 @@ def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_fa
             new_pid, new_sock = after["pid"], after["api_socket"]
             new_ver = package_ver(new_sock)
             new_argv = _cmdline(new_pid)
-            old_gone = not _alive(old_pid)
+            old_gone = not process_alive(old_pid)
             old_sock_gone = not Path(old_sock).exists()
             result = reader_result(readers[0])
             # with a standby: the old program's standby is replaced by one of the new program
-            new_standby, standby_argv = (0, [])
+            new_standby, standby_argv = 0, list[str]()
             if standby:
                 new_standby, standby_argv = standby_of(Path(new_sock).parent, not_pid=old_standby)
             # kill -9 of the upgraded daemon: failover respawns the *new* program
@@ -327,7 +308,7 @@ def test_nydus_daemon_upgrade_under_read_load(mode: str, workdir: Path, stack_fa
     assert str(program) in _cmdline(failed_over["pid"])[:2]
     assert package_ver(failed_over["api_socket"]) == new_ver
     if standby:
-        assert not _alive(old_standby) and str(program) in standby_argv[:2]
+        assert not process_alive(old_standby) and str(program) in standby_argv[:2]
         assert failed_over["pid"] == new_standby  # the new program's standby took over
     records = stack.snap.system_get("/api/v1/daemons/records")
     assert records[0]["program"] == str(program) and records[0]["pid"] == failed_over["pid"]
@@ -369,7 +350,7 @@ def test_nydus_daemon_upgrade_to_a_failing_program_keeps_a_daemon_serving(
         kept = stack.daemon()
         kept_ver = package_ver(kept["api_socket"])
         sockets = sorted(p.name for p in Path(before["api_socket"]).parent.iterdir())
-        leftovers = _pids_mentioning(str(other))
+        leftovers = live_pids_mentioning(str(other))
         status, back = stack.snap.system_put("/api/v1/daemons/upgrade", {"nydusd_path": str(dying)})
         result = reader_result(reader)
     finally:
@@ -385,7 +366,7 @@ def test_nydus_daemon_upgrade_to_a_failing_program_keeps_a_daemon_serving(
     assert "after the old daemon exited" in back["message"], back
     assert f"{nydusd_py()} serves again" in back["message"], back
     failed_back = stack.daemon()
-    assert failed_back["pid"] != before["pid"] and not _alive(before["pid"])
+    assert failed_back["pid"] != before["pid"] and not process_alive(before["pid"])
     assert failed_back["api_socket"] == before["api_socket"]
     assert str(nydusd_py()) in " ".join(_cmdline(failed_back["pid"])[:2])
     assert package_ver(failed_back["api_socket"]) == "nydusd-py 0.1.0"
@@ -507,7 +488,7 @@ def test_nydus_daemon_upgrade_interrupted_by_a_snapshotter_crash(
         stack.snap._proc._proc.wait(timeout=30)
         assert f"killing the snapshotter at step {step}" in stack.snap.log_tail()
         stray = [
-            p for p in _pids_mentioning(str(sockets)) if _alive(p) and str(program) in " ".join(_cmdline(p))
+            p for p in live_pids_mentioning(str(sockets)) if str(program) in " ".join(_cmdline(p))
         ]
         stack.snap.kill9()  # reap it
         stack.snap = stack.snapshotter()
@@ -522,7 +503,7 @@ def test_nydus_daemon_upgrade_interrupted_by_a_snapshotter_crash(
             reader.wait()
     assert not result["errors"], result
     assert stray, "the new program was not running when the snapshotter died"
-    procs = [p for p in _pids_mentioning(str(sockets)) if _alive(p)]
+    procs = live_pids_mentioning(str(sockets))
     (record,) = stack.snap.system_get("/api/v1/daemons/records")
     assert procs == [after["pid"]] == [record["pid"]], (procs, after, record, stack.snap.log_tail())
     assert record["program"] == str(nydusd_py()) and str(program) not in " ".join(_cmdline(after["pid"]))
@@ -530,7 +511,8 @@ def test_nydus_daemon_upgrade_interrupted_by_a_snapshotter_crash(
     if step in ("upgrade-spawned", "upgrade-taken-over"):
         assert after["pid"] == before["pid"]  # the old daemon never stopped serving
     else:
-        assert after["pid"] != before["pid"] and not _alive(before["pid"])  # failed over to the old program
+        # failed over to the old program
+        assert after["pid"] != before["pid"] and not process_alive(before["pid"])
     assert after["api_socket"] == before["api_socket"]
     assert sorted(p.name for p in sockets.iterdir() if p.name.endswith(".sock")) == ["api.sock"]
     assert is_mounted(mnt) and (mnt / "d" / "f7").read_bytes() == b"7" * 7

@@ -25,25 +25,16 @@ from nydus_core.daemon.mounts import is_mounted, umount_tree
 from nydus_core.plugins import build_plugin_manager
 from nydus_core.snapshot import labels as L
 from nydus_core.snapshot.model import ImageSource
+from nydus_core.testing.services import live_pids_mentioning
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(entry))
-    return found
 
 
 @pytest.fixture
 def root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nydm-", dir="/tmp"))
     yield path
-    for pid in _pids_mentioning(str(path)):  # only daemons this test started (they name the root)
+    for pid in live_pids_mentioning(str(path)):  # only daemons this test started (they name the root)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.2)

@@ -44,7 +44,13 @@ from nydus_core.daemon.holder_client import SessionHolder
 from nydus_core.faults import CRASH_ENV, STANDBY_SPAWNED, STEPS
 from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
-from nydus_core.testing.services import NydusSnapshotter, ServiceError, unmount_below, wait_until
+from nydus_core.testing.services import (
+    NydusSnapshotter,
+    ServiceError,
+    live_pids_mentioning,
+    unmount_below,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -52,25 +58,6 @@ READER = Path(__file__).with_name("failover_reader.py")
 REF = "localhost/test/crash:latest"
 BIG = os.urandom((2 << 20) + 4321)
 FILES = {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
-
-
-def live_pids_mentioning(text: str) -> list[int]:
-    """Processes (not zombies, not this one) whose command line contains `text`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() not in f.read():
-                    continue
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(entry))
-    return found
 
 
 def mount_count(path: Path) -> int:
@@ -272,7 +259,7 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
             assert procs == standby  # the promoted standby serves (and no new one after a restart)
         # no orphans: the test root's processes are the snapshotter, the holder and the daemon
         assert sorted(live_pids_mentioning(str(workdir))) == \
-            sorted([again.pid, holder_pid, *procs, *new_standby]), again.log_tail()
+            sorted([again.pid or 0, holder_pid or 0, *procs, *new_standby]), again.log_tail()
         assert mount_count(fuse_mount) == 1
         assert (mnt / "d" / "f7").read_bytes() == b"7" * 7
         # the same holder serves the new snapshotter, and it holds the new daemon's session again
@@ -334,7 +321,7 @@ def test_daemon_killed_while_no_snapshotter_runs(workdir: Path, image: Image) ->
         procs = live_pids_mentioning(str(api_socket))
         (listed,) = again.system_get("/api/v1/daemons")
         assert procs == [listed["pid"]] and listed["pid"] != daemon["pid"]
-        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid, holder_pid, *procs])
+        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid or 0, holder_pid or 0, *procs])
         assert holder.pid() == holder_pid
         print(f"\n[daemon kill -9 with no snapshotter] served again {served:.2f}s after the kill "
               f"(1 s of it with nobody running); reader: {result['ops']} ops, longest "
@@ -379,7 +366,7 @@ def test_snapshotter_killed_after_spawning_a_standby(workdir: Path, image: Image
         if listed:
             assert listed_daemon["pid"] == listed[0]["pid"]  # the daemon was kept
         assert sorted(live_pids_mentioning(str(workdir))) == \
-            sorted([again.pid, holder_pid, *live_pids_mentioning(str(stack.root / "socket"))])
+            sorted([again.pid or 0, holder_pid or 0, *live_pids_mentioning(str(stack.root / "socket"))])
         assert len(live_pids_mentioning(str(stack.root / "socket"))) in (1, 2)  # + a new standby
         stop_file = workdir / "stop-reader"
         want = hashlib.sha256(BIG).hexdigest()

@@ -324,7 +324,7 @@ def test_typed_hooks_cover_every_hookspec(hook: str) -> None:
     exec(f"def impl({params_src}):\n    return record({params_src})\n", namespace)
     impl = namespace["impl"]
     plugin = types.ModuleType("recorder")
-    plugin.impl = hookimpl(specname=hook)(impl)  # type: ignore[attr-defined,arg-type]
+    plugin.impl = hookimpl(specname=hook)(impl)  # type: ignore[attr-defined,type-var]
     pm = build_plugin_manager([plugin], entry_points=False, builtins=False, env={})
 
     method = getattr(pm.typed, hook.removeprefix("nydus_"))

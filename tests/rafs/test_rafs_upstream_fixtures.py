@@ -173,9 +173,9 @@ def test_rebuilding_upstream_content_gives_upstream_inodes() -> None:
     assert sorted(c.digest for c in Bootstrap(result.bootstrap).chunks) == sorted(c.digest for c in bs.chunks)
     # Everything else in the bootstrap is identical too, except what must differ: the blob's id and
     # sizes (our zstd frames differ by a byte), the 512 KiB (2.2: 2 MiB) device alignment, root i_ino.
-    ours = result.bootstrap
-    assert len(ours) == len(up)
-    differ = {i for i in range(len(up)) if ours[i] != up[i]}
+    boot = result.bootstrap
+    assert len(boot) == len(up)
+    differ = {i for i in range(len(up)) if boot[i] != up[i]}
     allowed = set(range(1408, 1408 + 64)) | {1476, 1477}  # device slot tag, mapped_blkaddr
     allowed |= set(range(4096, 4096 + 256))  # blob table entry
     allowed |= set(range(bs.ext.chunk_table_offset, bs.ext.chunk_table_offset + bs.ext.chunk_table_size))

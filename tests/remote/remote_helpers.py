@@ -7,6 +7,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
@@ -32,7 +33,7 @@ def make_pki(directory: Path) -> Pki:
     return Pki(ca=ca, server=make_server_cert(directory, ca, ca_key), signing=make_signing_cert(directory))
 
 
-def start_registry(workdir: Path, config: dict[str, object] | None = None,
+def start_registry(workdir: Path, config: dict[str, Any] | None = None,
                    tls: tuple[Path, Path] | None = None) -> Registry:
     reg = Registry(workdir, config=config, tls=tls)
     reg.start()
