@@ -231,7 +231,8 @@ def reconcile(daemon: DaemonRecord) -> bool:
     return changed
 
 
-def _apisock_of(pid: int) -> Path | None:
+def apisock_of(pid: int) -> Path | None:
+    """The ``--apisock`` of a daemon process (from its command line), None if it has none."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")
@@ -248,7 +249,7 @@ def _kill_unrecorded_generations(daemon: DaemonRecord) -> None:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        sock = _apisock_of(pid)
+        sock = apisock_of(pid)
         if sock is None or sock.parent != daemon.api_socket.parent or sock == daemon.api_socket:
             continue
         if (standby is not None and pid == standby.pid and sock == standby.api_socket) or _exited(pid):

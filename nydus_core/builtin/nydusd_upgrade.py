@@ -265,22 +265,13 @@ def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
     if daemon.fs_driver != nydusd.FS_DRIVER:
         return None
     for pid in stray_generations(daemon):
-        sock = _socket_of(pid)
+        sock = nydusd.apisock_of(pid)
         log.warning("daemon %s: killing pid %d (on %s) left by an interrupted hot upgrade", daemon.id, pid,
                     sock)  # fmt: skip
         if sock is not None:
             _kill(attrs.evolve(daemon, api_socket=sock, pid=pid))
             sock.unlink(missing_ok=True)
     return None
-
-
-def _socket_of(pid: int) -> Path | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-        return Path(os.fsdecode(args[args.index(b"--apisock") + 1]))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @hookimpl
