@@ -108,7 +108,7 @@ def test_failover_policy_keeps_readers_going(mode: str, standby: bool, root: Pat
             deadline = time.monotonic() + 20
             while True:
                 d = mgr.daemon(inst.daemon_id)
-                if d is not None and d.pid != old and pm.hook.nydus_daemonprocess_alive(daemon=d):
+                if d is not None and d.pid != old and pm.hook.nydus_daemon_alive(daemon=d):
                     break
                 assert time.monotonic() < deadline, "no failover within 20 s"
                 time.sleep(0.005)
@@ -158,7 +158,7 @@ def test_restart_policy_breaks_open_files_but_serves_new_opens(root: Path) -> No
         try:
             os.kill(daemon.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
+            while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert mgr.check_liveness() == [daemon.id]
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -208,7 +208,7 @@ def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: py
         result = _load_result(load)
         assert not result["errors"], result
         d = mgr.daemon(inst.daemon_id)
-        assert d is not None and pm.hook.nydus_daemonprocess_alive(daemon=d)
+        assert d is not None and pm.hook.nydus_daemon_alive(daemon=d)
         assert (inst.mountpoint / "big").read_bytes() == BIG
         ops = result["ops"]
         print(f"\n[poison] EIO after {deaths} deaths in {took:.2f}s; {ops} other reader ops: no error")
@@ -244,7 +244,7 @@ def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
         old = daemon.pid
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mgr.check_liveness() == [daemon.id]
         d = mgr.daemon(inst.daemon_id)
@@ -280,17 +280,17 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         for _ in range(2):  # within the limit: failed over each time
             os.kill(pids[-1], signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
+            while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert mgr.check_liveness() == [daemon.id]
             d = mgr.daemon(daemon.id)
-            assert d is not None and d.pid not in pids and pm.hook.nydus_daemonprocess_alive(daemon=d)
+            assert d is not None and d.pid not in pids and pm.hook.nydus_daemon_alive(daemon=d)
             pids.append(d.pid)
             daemon = d
         assert (inst.mountpoint / "big").read_bytes() == BIG
         os.kill(pids[-1], signal.SIGKILL)  # the third death within the window
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         with caplog.at_level("ERROR", logger="nydus_core.daemon.manager"):
             assert mgr.check_liveness() == [daemon.id]
@@ -358,7 +358,7 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
         old = daemon.pid
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while pm.hook.nydus_daemonprocess_alive(daemon=daemon) and time.monotonic() < deadline:
+        while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mgr.check_liveness() == [daemon.id]
         d = mgr.daemon(daemon.id)
@@ -386,7 +386,7 @@ def _wait_failover(mgr: DaemonManager, pm: Any, daemon_id: str, old_pid: int) ->
     deadline = time.monotonic() + 20
     while True:
         d = mgr.daemon(daemon_id)
-        if d is not None and d.pid != old_pid and pm.hook.nydus_daemonprocess_alive(daemon=d):
+        if d is not None and d.pid != old_pid and pm.hook.nydus_daemon_alive(daemon=d):
             return d
         assert time.monotonic() < deadline, "no failover within 20 s"
         time.sleep(0.005)
