@@ -210,6 +210,8 @@ def served_image(
         mgr.release_unused(set())
     finally:
         mgr.stop_liveness_monitor()  # else it sees the holder go and starts a new one
+        for daemon in mgr.daemons():  # a shared daemon outlives its last image (and has a standby)
+            pm.hook.nydus_daemon_stop(daemon=daemon)
         if mgr.supervisors is not None:  # the session holder outlives a snapshotter on purpose
             mgr.supervisors.shutdown(force=True)
         mgr.close()
