@@ -1,10 +1,9 @@
 """The daemon manager's side of the session holder (`nydus_core.daemon.holder`).
 
 `SessionHolder` starts the holder process of a snapshotter root when it does not answer, and
-talks to it over its control socket. Its API mirrors the in-process `Supervisors`
-(``ensure(id).path``, ``get(id).has_state``, ``remove(id)``, ``close()``), so code written
-against the in-process supervisor keeps working; the difference is where the sessions live:
-in a process that outlives the snapshotter, so ``close()`` leaves it running on purpose.
+talks to it over its control socket: ``ensure(id).path``, ``get(id).has_state``, ``remove(id)``,
+``close()``. The sessions live in a process that outlives the snapshotter, so ``close()`` leaves
+it running on purpose.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class HolderError(SupervisorError):
 
 
 class HeldSession:
-    """One daemon's entry in the holder, as `Supervisors.get` returns it (``path``, ``has_state``)."""
+    """One daemon's entry in the holder: its supervisor socket ``path`` and ``has_state``."""
 
     def __init__(self, owner: SessionHolder, daemon_id: str, path: Path) -> None:
         self.owner = owner
@@ -137,7 +136,7 @@ class SessionHolder:
         if self._child is not None and self._child.poll() is not None:
             self._child = None
 
-    # -- the Supervisors-like API ---------------------------------------------------------
+    # -- per daemon -----------------------------------------------------------------------
     def ensure(self, daemon_id: str) -> HeldSession:
         """Have the holder serve the daemon's supervisor socket (starting the holder if needed)."""
         try:

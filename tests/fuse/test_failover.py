@@ -1,7 +1,7 @@
 """FUSE failover: `nydusd-py` killed with -9 under read load, a new daemon takes the session over.
 
-Real kernel mount, real processes (root). A `Supervisor` (the snapshotter's, here in the test
-process) keeps the `/dev/fuse` fd and the state the daemon pushed on ``sendfd``. After every
+Real kernel mount, real processes (root). The session holder (the process the snapshotter runs,
+started here by the test) keeps the `/dev/fuse` fd and the state the daemon pushed on ``sendfd``. After every
 ``kill -9`` a new daemon is spawned on the live mountpoint, waits in INIT, is told ``takeover``
 and ``start``, and must serve the same files with the same inode numbers. Readers run all along
 and must see no error and only correct bytes; the longest single operation they saw is the
@@ -31,8 +31,8 @@ from fuse_helpers import nydusd_py
 from nydusd_helpers import Image, build_image, localfs_config
 
 from nydus_core.daemon.client import NydusdApiError, NydusdClient
+from nydus_core.daemon.holder_client import HeldSession, SessionHolder
 from nydus_core.daemon.mounts import is_mounted, umount_tree
-from nydus_core.daemon.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -63,7 +63,7 @@ def root() -> Iterator[Path]:
 class Daemons:
     """Spawns generations of one daemon (same id, mountpoint, supervisor; own api socket each)."""
 
-    def __init__(self, root: Path, image: Image, supervisor: Supervisor) -> None:
+    def __init__(self, root: Path, image: Image, supervisor: HeldSession) -> None:
         self.root = root
         self.mnt = root / "mnt"
         self.supervisor = supervisor
@@ -180,7 +180,8 @@ class Readers:
 @pytest.mark.parametrize("mode", ["standby", "cold"])
 def test_kill9_failover_no_reader_error(root: Path, mode: str) -> None:
     image = build_image(root / "img", FILES)
-    sup = Supervisor(root / "supervisor" / "fo1.sock", "fo1")
+    holder = SessionHolder(root)
+    sup = holder.ensure("fo1")
     ds = Daemons(root, image, sup)
     try:
         proc, sock = ds.spawn()
@@ -227,13 +228,14 @@ def test_kill9_failover_no_reader_error(root: Path, mode: str) -> None:
     finally:
         ds.kill_all()
         umount_tree(ds.mnt)
-        sup.close()
+        holder.shutdown(force=True)
 
 
 def test_takeover_without_supervisor_state_is_refused(root: Path) -> None:
     """A daemon told to take over when the supervisor holds nothing answers an error, stays INIT."""
     image = build_image(root / "img", {"f": b"1"})
-    sup = Supervisor(root / "supervisor" / "fo1.sock", "fo1")
+    holder = SessionHolder(root)
+    sup = holder.ensure("fo1")
     ds = Daemons(root, image, sup)
     try:
         proc, sock = ds.spawn("--upgrade")
@@ -249,7 +251,7 @@ def test_takeover_without_supervisor_state_is_refused(root: Path) -> None:
     finally:
         ds.kill_all()
         umount_tree(ds.mnt)
-        sup.close()
+        holder.shutdown(force=True)
 
 
 def test_hot_upgrade_protocol_under_load(root: Path) -> None:
@@ -258,7 +260,8 @@ def test_hot_upgrade_protocol_under_load(root: Path) -> None:
     error; the old daemon exits 0 with the mount still there. (Same program on both sides: the
     snapshotter's ``PUT /api/v1/daemons/upgrade`` is not wired yet.)"""
     image = build_image(root / "img", FILES)
-    sup = Supervisor(root / "supervisor" / "fo1.sock", "fo1")
+    holder = SessionHolder(root)
+    sup = holder.ensure("fo1")
     ds = Daemons(root, image, sup)
     try:
         old, old_sock = ds.spawn()
@@ -292,4 +295,4 @@ def test_hot_upgrade_protocol_under_load(root: Path) -> None:
     finally:
         ds.kill_all()
         umount_tree(ds.mnt)
-        sup.close()
+        holder.shutdown(force=True)
