@@ -151,7 +151,8 @@ def _exited(pid: int) -> bool:
     return False
 
 
-def _gone_within(pid: int, timeout: float) -> bool:
+def gone_within(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` for `pid` to exit (reaping it when it is our child)."""
     deadline = time.monotonic() + timeout
     while not _exited(pid):
         if time.monotonic() >= deadline:
@@ -270,9 +271,7 @@ def kill_now(daemon: DaemonRecord) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + STOP_GRACE
-    while not _exited(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    gone_within(pid, STOP_GRACE)
 
 
 def terminate(daemon: DaemonRecord, grace: float = STOP_GRACE) -> None:
@@ -364,7 +363,7 @@ def failover(daemon: DaemonRecord, instances: Sequence[Instance], config: Snapsh
             _drive(daemon, STATE_INIT)
         except (Unavailable, NydusdApiError, NydusdUnreachable) as e:
             # A daemon killed while it answers closes its socket before its exit status exists.
-            died = _gone_within(daemon.pid, EXIT_SETTLE)
+            died = gone_within(daemon.pid, EXIT_SETTLE)
             log.error("failover of daemon %s, attempt %d: %s", daemon.id, attempt, e)
             kill_now(daemon)
             if died:
@@ -520,11 +519,7 @@ def stop_standby(daemon: DaemonRecord, *, retire: bool) -> None:
 def _kill_standby(daemon: DaemonRecord, found: standbys.Standby) -> None:
     standbys.forget(daemon)
     if standbys.runs(found.pid, found.api_socket):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(found.pid, signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE
-        while not _exited(found.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_now(attrs.evolve(daemon, api_socket=found.api_socket, pid=found.pid))
         log.info("standby of daemon %s (pid %d) stopped", daemon.id, found.pid)
     found.api_socket.unlink(missing_ok=True)
 

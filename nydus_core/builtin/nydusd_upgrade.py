@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,22 +88,10 @@ def version_matches(wanted: str, package_ver: str) -> bool:
     return wanted in (package_ver, package_ver.rsplit(" ", 1)[-1])
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not nydusd._exited(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 def _discard(new: DaemonRecord) -> None:
     """Kill a new daemon that did not take over; it never served, so SIGKILL is enough (and it
     never unmounts: an ``--upgrade`` daemon in INIT/READY has not touched the mount)."""
-    if new.pid > 0 and nydusd._is_our_daemon(new.pid, new):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(new.pid, signal.SIGKILL)
-        _wait_gone(new.pid, EXIT_TIMEOUT)
+    nydusd.kill_now(new)
     new.api_socket.unlink(missing_ok=True)
 
 
@@ -141,21 +128,12 @@ def _retire(old: DaemonRecord) -> None:
             client.exit()
     except (NydusdApiError, NydusdUnreachable) as e:
         log.warning("daemon %s (pid %d) refused exit (%s); killing it", old.id, old.pid, e)
-        _kill(old)
+        nydusd.kill_now(old)
         return
     if not _wait_off_device(old.pid, EXIT_TIMEOUT):
         log.warning("daemon %s (pid %d) still serves %gs after exit; killing it", old.id, old.pid,
                     EXIT_TIMEOUT)  # fmt: skip
-        _kill(old)
-
-
-def _kill(old: DaemonRecord) -> None:
-    if old.pid > 0 and not nydusd._exited(old.pid) and nydusd._is_our_daemon(old.pid, old):
-        try:
-            os.kill(old.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        _wait_gone(old.pid, EXIT_TIMEOUT)
+        nydusd.kill_now(old)
 
 
 def upgrade(
@@ -210,8 +188,8 @@ def upgrade(
         t_start = time.monotonic()
         # Off the readers' path: the old process finishes leaving (reaped if it is our child) and
         # its socket goes before RUNNING, where a standby of the new program may be given its name.
-        if not _wait_gone(daemon.pid, EXIT_TIMEOUT):
-            _kill(daemon)
+        if not nydusd.gone_within(daemon.pid, EXIT_TIMEOUT):
+            nydusd.kill_now(daemon)
         if daemon.api_socket != new.api_socket:
             daemon.api_socket.unlink(missing_ok=True)
         if not nydusd.wait_ready(new, STEP_TIMEOUT):
@@ -269,7 +247,7 @@ def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
         log.warning("daemon %s: killing pid %d (on %s) left by an interrupted hot upgrade", daemon.id, pid,
                     sock)  # fmt: skip
         if sock is not None:
-            _kill(attrs.evolve(daemon, api_socket=sock, pid=pid))
+            nydusd.kill_now(attrs.evolve(daemon, api_socket=sock, pid=pid))
             sock.unlink(missing_ok=True)
     return None
 
