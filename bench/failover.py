@@ -212,8 +212,8 @@ def served_image(
         mgr.stop_liveness_monitor()  # else it sees the holder go and starts a new one
         for daemon in mgr.daemons():  # a shared daemon outlives its last image (and has a standby)
             pm.hook.nydus_daemon_stop(daemon=daemon)
-        if mgr.supervisors is not None:  # the session holder outlives a snapshotter on purpose
-            mgr.supervisors.shutdown(force=True)
+        if mgr.session_holder is not None:  # the session holder outlives a snapshotter on purpose
+            mgr.session_holder.shutdown(force=True)
         mgr.close()
         umount_tree(root)
         shutil.rmtree(root, ignore_errors=True)

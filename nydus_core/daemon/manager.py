@@ -145,7 +145,7 @@ class DaemonManager:
         self._deaths: defaultdict[str, deque[float]] = defaultdict(deque)
         # `failover`: the session holder (its own process, see holder.py) keeps each daemon's FUSE
         # session (fd + state) across daemon deaths and across snapshotter restarts
-        self.supervisors = (
+        self.session_holder = (
             SessionHolder(self.root, log_file=Path(config.log_dir) / "session-holder.log")
             if config.daemon.recover_policy == "failover"
             else None
@@ -156,8 +156,8 @@ class DaemonManager:
         and so does the session holder: a daemon that dies while no snapshotter runs keeps its
         mount, and the next start-up fails it over."""
         self.stop_liveness_monitor()
-        if self.supervisors is not None:
-            self.supervisors.close()
+        if self.session_holder is not None:
+            self.session_holder.close()
         self.store.close()
 
     # ------------------------------------------------------------------------------------
@@ -287,13 +287,13 @@ class DaemonManager:
         telling the holder) are dropped after their mount is cleared. Under another policy an
         idle holder left from an earlier ``failover`` configuration is told to exit.
         """
-        if self.supervisors is None:
+        if self.session_holder is None:
             with contextlib.suppress(HolderError):
                 SessionHolder(self.root).shutdown()  # refused (and kept) while it holds a session
             return
-        self.supervisors.ensure_running()
+        self.session_holder.ensure_running()
         known = {d.id for d in daemons}
-        for daemon_id, info in self.supervisors.status().items():
+        for daemon_id, info in self.session_holder.status().items():
             if daemon_id in known:
                 continue
             mnt = Path(str(info.get("mountpoint") or ""))
@@ -301,16 +301,16 @@ class DaemonManager:
                 log.warning("session holder keeps the session of unrecorded daemon %s: unmounting %s",
                             daemon_id, mnt)
                 umount_tree(mnt)
-            self.supervisors.remove(daemon_id)
+            self.session_holder.remove(daemon_id)
 
     def _check_holder(self) -> None:
         """The holder died (it should not): start a new one and have every live daemon send its
         session again, so that the next daemon death can still be failed over."""
-        if self.supervisors is None or self.supervisors.pid() is not None:
+        if self.session_holder is None or self.session_holder.pid() is not None:
             return
         log.error("the session holder of %s is gone: restarting it; live daemons re-send their sessions",
                   self.root)
-        self.supervisors.ensure_running()
+        self.session_holder.ensure_running()
         for daemon in self.daemons():
             self._resupervise(daemon)
 
@@ -320,8 +320,8 @@ class DaemonManager:
             self._check_holder()
         except HolderError:
             log.exception("cannot restart the session holder")
-            if self.supervisors is not None:
-                self.supervisors.known_pid = 0  # no busy loop on its pidfd: the sweeps retry
+            if self.session_holder is not None:
+                self.session_holder.known_pid = 0  # no busy loop on its pidfd: the sweeps retry
         dead = []
         for daemon in self.daemons():
             if not self._hook_alive(daemon) and self._recover_dead(daemon, reason="liveness check failed"):
@@ -365,8 +365,8 @@ class DaemonManager:
         fds: list[int] = []
         try:
             pids = [d.pid for d in self.daemons()]
-            if self.supervisors is not None and self.supervisors.known_pid:
-                pids.append(self.supervisors.known_pid)  # a dead holder is replaced at once
+            if self.session_holder is not None and self.session_holder.known_pid:
+                pids.append(self.session_holder.known_pid)  # a dead holder is replaced at once
             for pid in pids:
                 if pid > 0:
                     with contextlib.suppress(OSError):
@@ -441,7 +441,7 @@ class DaemonManager:
             raise InvalidArgument(problem)
         if policy not in UPGRADE_POLICIES:
             raise InvalidArgument(f"upgrade policy {policy!r} is not supported (only {UPGRADE_POLICIES})")
-        if self.config.daemon.recover_policy != "failover" or self.supervisors is None:
+        if self.config.daemon.recover_policy != "failover" or self.session_holder is None:
             raise FailedPrecondition(
                 f'a hot upgrade needs [daemon] recover_policy = "failover" (a supervisor holding each '
                 f"FUSE session); it is {self.config.daemon.recover_policy!r}"
@@ -514,10 +514,10 @@ class DaemonManager:
         policy = self.config.daemon.recover_policy
         if policy == "failover":
             held = False
-            if self.supervisors is not None:
+            if self.session_holder is not None:
                 try:
-                    held = self.supervisors.holds(daemon.id)
-                    self.supervisors.ensure(daemon.id)  # (re)starts a holder that went away
+                    held = self.session_holder.holds(daemon.id)
+                    self.session_holder.ensure(daemon.id)  # (re)starts a holder that went away
                 except HolderError as e:
                     log.error("daemon %s: %s", daemon.id, e)
             if not held:
@@ -590,10 +590,10 @@ class DaemonManager:
         """After a snapshotter restart: make sure the holder keeps the live daemon's session; if
         it does not (a new holder), the daemon sends it again (its ready hook asks for
         ``sendfd``), as upstream's ``SendStates``."""
-        if self.supervisors is None or daemon.supervisor_path is None:
+        if self.session_holder is None or daemon.supervisor_path is None:
             return
         try:
-            if self.supervisors.ensure(daemon.id).has_state:
+            if self.session_holder.ensure(daemon.id).has_state:
                 return
         except HolderError:
             log.exception("daemon %s: no session holder; it cannot be failed over", daemon.id)
@@ -607,8 +607,8 @@ class DaemonManager:
         did = new_daemon_id()
         level = self.config.log.level.lower()
         supervisor = None
-        if self.supervisors is not None:
-            supervisor = self.supervisors.ensure(did).path
+        if self.session_holder is not None:
+            supervisor = self.session_holder.ensure(did).path
         return DaemonRecord(
             id=did,
             fs_driver=self.fs_driver,
@@ -760,8 +760,8 @@ class DaemonManager:
         self._remove_daemon_dirs(daemon, keep_logs=True)
 
     def _remove_daemon_dirs(self, daemon: DaemonRecord, *, keep_logs: bool = False) -> None:
-        if self.supervisors is not None:
-            self.supervisors.remove(daemon.id)  # after the stop hook: the mount is gone already
+        if self.session_holder is not None:
+            self.session_holder.remove(daemon.id)  # after the stop hook: the mount is gone already
         with self._lock:
             self._deaths.pop(daemon.id, None)
             self._recovered_at.pop(daemon.id, None)

@@ -91,8 +91,8 @@ def test_failover_policy_keeps_readers_going(mode: str, standby: bool, root: Pat
         inst = mgr.ensure_instance(_meta(root, "21", img), {})
         daemon = mgr.daemon(inst.daemon_id)
         assert daemon is not None and daemon.supervisor_path is not None
-        assert mgr.supervisors is not None
-        sup = mgr.supervisors.get(daemon.id)
+        assert mgr.session_holder is not None
+        sup = mgr.session_holder.get(daemon.id)
         assert sup is not None and sup.has_state
         mgr.start_liveness_monitor(interval=5.0)
         load = _start_load(inst.mountpoint, 0.6 + KILLS * 0.8)
@@ -189,8 +189,8 @@ def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: py
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "41", img), {})
         daemon = mgr.daemon(inst.daemon_id)
-        assert daemon is not None and mgr.supervisors is not None
-        sup = mgr.supervisors.get(daemon.id)
+        assert daemon is not None and mgr.session_holder is not None
+        sup = mgr.session_holder.get(daemon.id)
         assert sup is not None
         mgr.start_liveness_monitor(interval=5.0)
         load = _start_load(inst.mountpoint, 6.0)
@@ -221,7 +221,7 @@ def test_request_that_kills_every_daemon_ends_as_eio(root: Path, monkeypatch: py
 
 
 def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
-    """A restarted snapshotter (new manager, new supervisors) re-adopts the live daemon, has it
+    """A restarted snapshotter (new manager, same session holder) re-adopts the live daemon, has it
     send its session again, and a later kill -9 still fails over without reader errors."""
     img = build_image(root / "build", {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}})
     base = _config(root, img.blob_dir, "dedicated")
@@ -236,8 +236,8 @@ def test_failover_after_snapshotter_restart(root: Path) -> None:  # noqa: F811
     try:
         mgr.recover()
         daemon = mgr.daemon(inst.daemon_id)
-        assert daemon is not None and mgr.supervisors is not None
-        sup = mgr.supervisors.get(daemon.id)
+        assert daemon is not None and mgr.session_holder is not None
+        sup = mgr.session_holder.get(daemon.id)
         assert sup is not None and sup.has_state  # re-sent by the live daemon
         load = _start_load(inst.mountpoint, 2.0)
         time.sleep(0.3)
@@ -274,7 +274,7 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "61", img), {})
         daemon = mgr.daemon(inst.daemon_id)
-        assert daemon is not None and mgr.supervisors is not None
+        assert daemon is not None and mgr.session_holder is not None
         api_socket = daemon.api_socket
         pids = [daemon.pid]
         for _ in range(2):  # within the limit: failed over each time
@@ -299,7 +299,7 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         assert mgr.daemon(daemon.id) is None and mgr.get_instance("61") is None
         assert mgr.store.get_daemon(daemon.id) is None and mgr.store.list_instances() == []
         assert not is_mounted(inst.mountpoint)
-        assert daemon.id not in mgr.supervisors.status()
+        assert daemon.id not in mgr.session_holder.status()
         # no respawn now or at the next sweeps
         assert mgr.check_liveness() == [] and mgr.check_liveness() == []
         alive = live_pids_mentioning(str(api_socket))
@@ -336,7 +336,7 @@ def test_holder_killed_is_restarted_and_refilled(root: Path) -> None:  # noqa: F
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "71", img), {})
         daemon = mgr.daemon(inst.daemon_id)
-        holder = mgr.supervisors
+        holder = mgr.session_holder
         assert daemon is not None and holder is not None
         first = holder.pid()
         assert first is not None and holder.holds(daemon.id)
@@ -518,7 +518,7 @@ def test_holder_and_daemon_both_dead_is_a_restart(root: Path) -> None:  # noqa: 
         mgr.recover()
         inst = mgr.ensure_instance(_meta(root, "81", img), {})
         daemon = mgr.daemon(inst.daemon_id)
-        holder = mgr.supervisors
+        holder = mgr.session_holder
         assert daemon is not None and holder is not None
         holder_pid, old = holder.pid(), daemon.pid
         assert holder_pid is not None
