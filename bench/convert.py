@@ -1,6 +1,6 @@
 """Convert one OCI layer to RAFS v6 with our writer, and time the same work done by standard tools.
 
-Ours:      layer tar -> tree -> bootstrap + native blob (nydus_core.rafs.writer)
+Ours:      layer tar -> tree -> bootstrap + native blob (nydus_core.data.rafs.writer)
 Standard:  `tar -x` into a directory, then `mkfs.erofs --chunksize=1048576 --blobdev=BLOB META DIR`
 
 Both produce "EROFS metadata + a chunked data blob"; the standard path is the floor a Python
@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nydus_core.rafs.tree import tree_from_tar
-from nydus_core.rafs.writer import BuildOptions, build
+from nydus_core.data.rafs.tree import tree_from_tar
+from nydus_core.data.rafs.writer import BuildOptions, build
 
 
 def _ours(layer: Path, out: Path, compressor: str) -> tuple[float, int, int]:

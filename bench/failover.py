@@ -40,17 +40,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from nydus_core import labels as L
 from nydus_core.builtin import standby as standbys
 from nydus_core.config import DaemonConfig, SnapshotterConfig
-from nydus_core.daemon.manager import DaemonManager
-from nydus_core.daemon.model import DaemonRecord
-from nydus_core.daemon.mounts import umount_tree
+from nydus_core.control.daemons.manager import DaemonManager
+from nydus_core.control.daemons.model import DaemonRecord
+from nydus_core.control.daemons.mounts import umount_tree
+from nydus_core.control.snapshot.model import ImageSource
+from nydus_core.data.rafs.tree import tree_from_dir
+from nydus_core.data.rafs.writer import BuildOptions, build_to_paths
 from nydus_core.hookspecs import hookimpl
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.rafs.tree import tree_from_dir
-from nydus_core.rafs.writer import BuildOptions, build_to_paths
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import ImageSource
 
 MIB = 1 << 20
 SLOW_OP = 0.001  # reader operations longer than this are reported back individually

@@ -32,9 +32,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.rafs.tree import tree_from_dir
-from nydus_core.rafs.writer import BuildOptions, build_to_paths
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.data.rafs.tree import tree_from_dir
+from nydus_core.data.rafs.writer import BuildOptions, build_to_paths
 
 MIB = 1 << 20
 

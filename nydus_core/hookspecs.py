@@ -34,9 +34,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from nydus_core.config import SnapshotterConfig
-    from nydus_core.daemon.model import DaemonRecord, Instance
-    from nydus_core.remote.credentials import Credentials
-    from nydus_core.snapshot.model import (
+    from nydus_core.control.daemons.model import DaemonRecord, Instance
+    from nydus_core.control.snapshot.model import (
         ChainEntry,
         ImageSource,
         Info,
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
         Mount,
         MountRequest,
     )
+    from nydus_core.data.remote.credentials import Credentials
 
 PROJECT = "nydus_core"
 

@@ -10,7 +10,7 @@ Registration order matters because pluggy calls implementations last-registered-
 Environment (read from ``env``, `os.environ` by default):
 
 * ``NYDUS_CORE_PLUGINS_DENY`` - comma-separated names never loaded: entry-point names, or
-  built-ins by module name (``nydus_core.builtin.overlay_mounts``) or short name
+  built-ins by module name (``nydus_core.control.snapshot.overlay_mounts``) or short name
   (``overlay_mounts``);
 * ``NYDUS_CORE_PLUGINS_ALLOW`` - if set, only entry points with these names are loaded. Built-ins
   are the core itself and are not filtered by it (switch one off with the deny list): an allow
@@ -44,9 +44,8 @@ from nydus_core import hookspecs
 
 if TYPE_CHECKING:
     from nydus_core.config import SnapshotterConfig
-    from nydus_core.daemon.model import DaemonRecord, Instance
-    from nydus_core.remote.credentials import Credentials
-    from nydus_core.snapshot.model import (
+    from nydus_core.control.daemons.model import DaemonRecord, Instance
+    from nydus_core.control.snapshot.model import (
         ChainEntry,
         ImageSource,
         Info,
@@ -55,6 +54,7 @@ if TYPE_CHECKING:
         Mount,
         MountRequest,
     )
+    from nydus_core.data.remote.credentials import Credentials
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger(__name__ + ".trace")
@@ -66,12 +66,12 @@ ENV_TRACE = "NYDUS_CORE_TRACE_HOOKS"
 
 # Built-in behaviour, registered through the same hooks a third-party plugin uses.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "nydus_core.builtin.overlay_mounts",
-    "nydus_core.builtin.nydus_format",
+    "nydus_core.control.snapshot.overlay_mounts",
+    "nydus_core.control.formats.nydus",
     "nydus_core.builtin.nydusd",
     "nydus_core.builtin.nydusd_upgrade",
-    "nydus_core.builtin.credentials",
-    "nydus_core.builtin.docker_credentials",
+    "nydus_core.control.credentials.labels",
+    "nydus_core.control.credentials.docker_config",
 )
 
 BUILTIN = "builtin"

@@ -41,7 +41,7 @@ import attrs
 
 from nydus_core.builtin import standby as standbys
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.client import (
+from nydus_core.control.daemons.client import (
     STATE_INIT,
     STATE_READY,
     STATE_RUNNING,
@@ -49,8 +49,8 @@ from nydus_core.daemon.client import (
     NydusdClient,
     NydusdUnreachable,
 )
-from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
-from nydus_core.daemon.mounts import is_mounted, umount_tree
+from nydus_core.control.daemons.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.control.daemons.mounts import is_mounted, umount_tree
 from nydus_core.errors import FailedPrecondition, Unavailable
 from nydus_core.faults import crash_point
 from nydus_core.hookspecs import hookimpl

@@ -39,14 +39,14 @@ from pathlib import Path
 import attrs
 
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.client import (
+from nydus_core.control.daemons.client import (
     STATE_INIT,
     STATE_READY,
     NydusdApiError,
     NydusdClient,
     NydusdUnreachable,
 )
-from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.control.daemons.model import DaemonMode, DaemonRecord, Instance
 from nydus_core.errors import FailedPrecondition, Unavailable
 from nydus_core.faults import crash_point
 from nydus_core.hookspecs import hookimpl

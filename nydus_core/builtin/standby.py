@@ -30,8 +30,8 @@ from pathlib import Path
 
 import attrs
 
-from nydus_core.daemon.client import NydusdApiError, NydusdClient, NydusdUnreachable
-from nydus_core.daemon.model import DaemonRecord
+from nydus_core.control.daemons.client import NydusdApiError, NydusdClient, NydusdUnreachable
+from nydus_core.control.daemons.model import DaemonRecord
 
 PID_FILE = "standby.pid"
 SOCKETS = ("api.sock", "standby.sock")

@@ -23,8 +23,8 @@ from typing import Any
 import pluggy
 
 from nydus_core.config import SnapshotterConfig
-from nydus_core.snapshot.server import RunningServer, serve
-from nydus_core.snapshot.snapshotter import Snapshotter
+from nydus_core.control.snapshot.server import RunningServer, serve
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def refuse_live_socket(address: Path) -> None:
 def open_image_service(config: SnapshotterConfig, pm: pluggy.PluginManager) -> Any:
     """The daemon manager, recovered; ``None`` when this build has none."""
     try:
-        from nydus_core.daemon.manager import DaemonManager
+        from nydus_core.control.daemons.manager import DaemonManager
     except ImportError as exc:
         log.warning("daemon manager not available (%s): lazily served images are disabled", exc)
         return None

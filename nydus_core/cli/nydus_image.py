@@ -15,12 +15,31 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from nydus_core.rafs import RafsError
-from nydus_core.rafs.blob import read_toc, verify_blob_data
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob, detect_version, export_block
-from nydus_core.rafs.erofs import ErofsImage, Inode
-from nydus_core.rafs.tree import Node, sorted_walk, tree_from_dir, tree_from_erofs, tree_from_tar, write_tar
-from nydus_core.rafs.writer import WHITEOUT_SPECS, BuildOptions, build_tarfs, build_to_paths, merge_bootstraps
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.blob import read_toc, verify_blob_data
+from nydus_core.data.rafs.bootstrap import (
+    BlobSet,
+    Bootstrap,
+    bootstrap_from_blob,
+    detect_version,
+    export_block,
+)
+from nydus_core.data.rafs.erofs import ErofsImage, Inode
+from nydus_core.data.rafs.tree import (
+    Node,
+    sorted_walk,
+    tree_from_dir,
+    tree_from_erofs,
+    tree_from_tar,
+    write_tar,
+)
+from nydus_core.data.rafs.writer import (
+    WHITEOUT_SPECS,
+    BuildOptions,
+    build_tarfs,
+    build_to_paths,
+    merge_bootstraps,
+)
 
 
 def _chunk_size(text: str) -> int:
@@ -250,7 +269,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.output_json:
             reader = blobs.read_file if blobs is not None else None
             root = tree_from_erofs(bs.erofs, reader, markers=False)
-            from nydus_core.rafs.tree import link_counts
+            from nydus_core.data.rafs.tree import link_counts
 
             nlink = link_counts(root)
             doc = {
@@ -271,7 +290,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _unpack_v5(args: argparse.Namespace) -> int:
-    from nydus_core.rafs.v5 import RafsV5, tree_from_v5
+    from nydus_core.data.rafs.v5 import RafsV5, tree_from_v5
 
     image = RafsV5.open(args.bootstrap)
     blob_path = args.blob or (os.path.join(args.blob_dir, image.blob_ids[0]) if args.blob_dir else None)

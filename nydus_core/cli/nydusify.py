@@ -12,9 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from nydus_core.convert import CheckOptions, ConvertError, ConvertOptions, Transport, check, convert
-from nydus_core.rafs import RafsError
-from nydus_core.remote.errors import RegistryAuthError, RegistryError
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.remote.errors import RegistryAuthError, RegistryError
+from nydus_core.tools.convert import CheckOptions, ConvertError, ConvertOptions, Transport, check, convert
 
 log = logging.getLogger("nydusify")
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 from nydus_core.plugins import redact
-from nydus_core.snapshot.snapshotter import Snapshotter
 
 log = logging.getLogger("nydus_core.rpc")
 

@@ -234,7 +234,7 @@ def _start_system_controller(config: SnapshotterConfig, images: Any) -> Any:
     if images is None:
         log.warning("system controller not started: no daemon manager")
         return None
-    from nydus_core.system import SystemController, SystemControllerError
+    from nydus_core.control.system import SystemController, SystemControllerError
 
     try:
         return SystemController(config.system.address, images, config.system.uid, config.system.gid).start()

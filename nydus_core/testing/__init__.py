@@ -189,7 +189,7 @@ def snapshotter(
 def _stop_session_holder(root: Path) -> None:
     """Under ``failover`` the snapshotter started a session holder that outlives it on purpose;
     a test's daemons are gone now, so it goes too (nothing answers: nothing to do)."""
-    from nydus_core.daemon.holder_client import SessionHolder
+    from nydus_core.control.daemons.holder_client import SessionHolder
 
     SessionHolder(root).shutdown(force=True)
 

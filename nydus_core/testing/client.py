@@ -16,8 +16,8 @@ from google.protobuf import field_mask_pb2
 
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from nydus_core.api.containerd.services.snapshots.v1.snapshots_pb2_grpc import SnapshotsStub
-from nydus_core.snapshot.model import Info, Mount, Usage
-from nydus_core.snapshot.service import info_from_proto, info_to_proto
+from nydus_core.control.snapshot.model import Info, Mount, Usage
+from nydus_core.control.snapshot.service import info_from_proto, info_to_proto
 
 DEFAULT_NAME = "nydus"  # the proxy plugin name containerd puts in every request
 

@@ -649,7 +649,7 @@ class NydusSnapshotter:
         Under ``recover_policy = "failover"`` the holder outlives the snapshotter on purpose (a
         restart finds it again), so whoever tears a stack down must end it: after the daemons,
         since it drops the FUSE sessions it holds. SIGKILL if it does not go within `timeout`."""
-        from nydus_core.daemon.holder_client import SessionHolder
+        from nydus_core.control.daemons.holder_client import SessionHolder
 
         holder = SessionHolder(self.root)
         pid = holder.pid()

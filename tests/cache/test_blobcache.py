@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from nydusd_helpers import Image, build_image, flip_byte
 
-from nydus_core.cache.blobcache import BlobCache, ChunkCorrupt
-from nydus_core.cache.chunk_map import ChunkMap
-from nydus_core.cache.source import LocalFsSource, RegistrySource
-from nydus_core.rafs.bootstrap import Bootstrap, ChunkInfo
+from nydus_core.data.cache.blobcache import BlobCache, ChunkCorrupt
+from nydus_core.data.cache.chunk_map import ChunkMap
+from nydus_core.data.cache.source import LocalFsSource, RegistrySource
+from nydus_core.data.rafs.bootstrap import Bootstrap, ChunkInfo
 
 CS = 64 * 1024
 

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 import nydus_core
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import Mount
+from nydus_core import labels as L
+from nydus_core.control.snapshot.model import Mount
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import snapshotter_executable, unmount_below, wait_until
 
@@ -125,7 +125,7 @@ def test_version() -> None:
     assert lines[0] == f"containerd-nydus-grpc (nydus-core) {nydus_core.__version__}"
     assert lines[1].startswith(f"Python {sys.version.split()[0]} ")
     assert "Plugins:" in lines
-    assert "  nydus_core.builtin.overlay_mounts (builtin)" in lines
+    assert "  nydus_core.control.snapshot.overlay_mounts (builtin)" in lines
 
 
 def test_socket_and_log_file(workdir: Path, procs: list[Snapshotter]) -> None:
@@ -147,7 +147,7 @@ def test_socket_and_log_file(workdir: Path, procs: list[Snapshotter]) -> None:
     text = log.read_text()
     assert f"configuration file: {config}" in text
     assert f"root {root}, address {sock}" in text
-    assert "plugins loaded: nydus_core.builtin.overlay_mounts (builtin)" in text
+    assert "plugins loaded: nydus_core.control.snapshot.overlay_mounts (builtin)" in text
     assert " ready" in text
     assert p.stdout() == ""  # everything went to the file
     # RPCs are logged at debug level only

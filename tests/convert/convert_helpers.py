@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nydus_core.remote.reference import parse_ref
-from nydus_core.remote.registry import OCI_MANIFEST, RegistryClient
+from nydus_core.data.remote.reference import parse_ref
+from nydus_core.data.remote.registry import OCI_MANIFEST, RegistryClient
 
 NYDUSIFY = str(Path(sys.executable).with_name("nydusify"))
 BIG_SIZE = 3 * (1 << 20) + 12345  # several 1 MiB chunks and a partial one

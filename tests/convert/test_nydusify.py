@@ -32,7 +32,10 @@ from convert_helpers import (
     run_nydusify,
 )
 
-from nydus_core.convert.constants import (
+from nydus_core.data.rafs.bootstrap import BlobSet, Bootstrap
+from nydus_core.data.rafs.tree import Kind, link_counts, tree_from_erofs, walk
+from nydus_core.testing.services import Containerd, NydusSnapshotter, Registry
+from nydus_core.tools.convert.constants import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
     ANNOTATION_NYDUS_FS_VERSION,
@@ -43,10 +46,7 @@ from nydus_core.convert.constants import (
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
 )
-from nydus_core.convert.progress import Progress
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
-from nydus_core.rafs.tree import Kind, link_counts, tree_from_erofs, walk
-from nydus_core.testing.services import Containerd, NydusSnapshotter, Registry
+from nydus_core.tools.convert.progress import Progress
 
 
 def _target(ref: str, tag: str) -> str:

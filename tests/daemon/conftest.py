@@ -23,11 +23,11 @@ import pluggy
 import pytest
 from daemon_helpers import EventRecorder, pid_alive, pids_mentioning
 
+from nydus_core import labels as L
 from nydus_core.config import DaemonConfig, SnapshotterConfig
-from nydus_core.daemon.mounts import umount_tree
+from nydus_core.control.daemons.mounts import umount_tree
+from nydus_core.control.snapshot.model import ImageSource
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import ImageSource
 
 MINI_NYDUSD = Path(__file__).with_name("mini_nydusd.py")
 

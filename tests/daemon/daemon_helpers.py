@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from nydus_core.daemon.model import DaemonRecord
+from nydus_core.control.daemons.model import DaemonRecord
 from nydus_core.hookspecs import hookimpl
 
 

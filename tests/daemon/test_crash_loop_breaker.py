@@ -12,7 +12,7 @@ from __future__ import annotations
 import attrs
 
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.manager import FAILOVER_MAX_DEATHS, FAILOVER_SETTLE, DaemonManager
+from nydus_core.control.daemons.manager import FAILOVER_MAX_DEATHS, FAILOVER_SETTLE, DaemonManager
 from nydus_core.plugins import build_plugin_manager
 
 

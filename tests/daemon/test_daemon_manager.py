@@ -16,16 +16,16 @@ import pluggy
 import pytest
 from daemon_helpers import EventRecorder, kill9, pid_alive, pids_mentioning
 
+from nydus_core import labels as L
 from nydus_core.builtin import nydusd as nydusd_hooks
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.manager import DaemonManager, NoBackendError
-from nydus_core.daemon.model import DaemonMode, DaemonRecord
-from nydus_core.daemon.mounts import is_mounted
-from nydus_core.daemon.store import DaemonStore
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.manager import DaemonManager, NoBackendError
+from nydus_core.control.daemons.model import DaemonMode, DaemonRecord
+from nydus_core.control.daemons.mounts import is_mounted
+from nydus_core.control.daemons.store import DaemonStore
+from nydus_core.control.snapshot.model import ImageSource
 from nydus_core.errors import Unavailable
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import ImageSource
 
 MakeConfig = Callable[..., SnapshotterConfig]
 MakeImage = Callable[..., ImageSource]

@@ -11,12 +11,12 @@ import pluggy
 import pytest
 from daemon_helpers import pid_alive
 
+from nydus_core import labels as L
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.manager import DaemonManager
-from nydus_core.daemon.mounts import is_mounted, umount_tree
+from nydus_core.control.daemons.manager import DaemonManager
+from nydus_core.control.daemons.mounts import is_mounted, umount_tree
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 from nydus_core.errors import AlreadyExists
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.snapshotter import Snapshotter
 
 REF = "127.0.0.1:5000/nydus/busybox:latest-nydus"
 

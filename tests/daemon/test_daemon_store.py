@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from nydus_core.daemon.model import DaemonMode, DaemonRecord, Instance
-from nydus_core.daemon.store import DaemonStore
+from nydus_core.control.daemons.model import DaemonMode, DaemonRecord, Instance
+from nydus_core.control.daemons.store import DaemonStore
 
 
 def record(tmp_path: Path, did: str, mode: DaemonMode = DaemonMode.SHARED) -> DaemonRecord:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from daemon_helpers import pid_alive
 
-from nydus_core.daemon.client import NydusdApiError, NydusdClient, NydusdUnreachable
-from nydus_core.daemon.mounts import is_mounted
+from nydus_core.control.daemons.client import NydusdApiError, NydusdClient, NydusdUnreachable
+from nydus_core.control.daemons.mounts import is_mounted
 
 MINI = Path(__file__).with_name("mini_nydusd.py")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.daemon.nydusd_config import (
+from nydus_core import labels as L
+from nydus_core.control.daemons.image_config import (
     DEFAULT_TEMPLATE,
     build_config,
     load_template,
     write_private_json,
 )
+from nydus_core.data.remote.reference import ImageRef, parse_ref
 from nydus_core.errors import ConfigError, InvalidArgument
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.remote.reference import ImageRef, parse_ref
-from nydus_core.snapshot import labels as L
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from nydus_core.config import MirrorsConfig, RemoteConfig
-from nydus_core.daemon.nydusd_config import DEFAULT_TEMPLATE, build_config
+from nydus_core.control.daemons.image_config import DEFAULT_TEMPLATE, build_config
+from nydus_core.data.remote.mirrors import from_hosts_dir, from_nydusd_json
 from nydus_core.errors import ConfigError
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.remote.mirrors import from_hosts_dir, from_nydusd_json
 
 REF = "reg.example.com:5000/team/app:v1"
 

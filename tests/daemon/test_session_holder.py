@@ -1,4 +1,4 @@
-"""The session holder process (`nydus_core.daemon.holder`) and its client, as real processes.
+"""The session holder process (`nydus_core.control.daemons.holder`) and its client, as real processes.
 
 The FUSE-level proof (a daemon killed -9 while the snapshotter is dead is still failed over,
 with the same holder) is in ``tests/fuse/test_snapshotter_crash_failover.py``; here: what the
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.daemon import holder as holder_module
-from nydus_core.daemon.holder_client import HolderError, SessionHolder
-from nydus_core.daemon.supervisor import SupervisorError, fetch_state, peek_state, send_state
+from nydus_core.control.daemons import holder as holder_module
+from nydus_core.control.daemons.holder_client import HolderError, SessionHolder
+from nydus_core.control.daemons.supervisor import SupervisorError, fetch_state, peek_state, send_state
 
 
 @pytest.fixture

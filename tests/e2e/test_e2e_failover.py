@@ -41,9 +41,9 @@ import pytest
 from e2e_helpers import FAILOVER, E2EStack
 
 from nydus_core.builtin import standby as standbys
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.manager import FAILOVER_SETTLE
-from nydus_core.nydusd.runtime import STATE_INIT
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.manager import FAILOVER_SETTLE
+from nydus_core.data.runtime.state import STATE_INIT
 from nydus_core.testing.container_load import BIG_SIZE, ContainerLoad, LoadImage, LoadResult, wait_for_passes
 from nydus_core.testing.services import Registry, ServiceError, process_alive, wait_until
 

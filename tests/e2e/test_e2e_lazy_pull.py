@@ -25,8 +25,8 @@ import pytest
 from debian_image import DebianImage
 from e2e_helpers import E2EStack, record_measurement
 
-from nydus_core.remote.reference import parse_ref
-from nydus_core.remote.registry import OCI_MANIFEST, RegistryClient
+from nydus_core.data.remote.reference import parse_ref
+from nydus_core.data.remote.registry import OCI_MANIFEST, RegistryClient
 from nydus_core.testing.proxy import FaultyProxy
 from nydus_core.testing.services import Registry, wait_until
 

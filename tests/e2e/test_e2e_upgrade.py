@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from e2e_helpers import FAILOVER, E2EStack
 
-from nydus_core.daemon.client import NydusdClient
+from nydus_core.control.daemons.client import NydusdClient
 from nydus_core.testing.container_load import ContainerLoad, LoadImage, wait_for_passes
 from nydus_core.testing.services import Registry, process_alive
 
@@ -67,8 +67,8 @@ def test_hot_upgrade_under_running_containers(mode: str, registry: Registry, loa
                                               tmp_path: Path) -> None:  # fmt: skip
     program = tmp_path / "nydusd-next"
     program.write_text(
-        f"#!{sys.executable}\nimport sys\nimport nydus_core.nydusd\n"
-        f"nydus_core.nydusd.__version__ = {NEW_VERSION!r}\n"
+        f"#!{sys.executable}\nimport sys\nimport nydus_core.data.runtime\n"
+        f"nydus_core.data.runtime.__version__ = {NEW_VERSION!r}\n"
         "from nydus_fuse.main import main\nsys.exit(main())\n"
     )
     program.chmod(0o755)

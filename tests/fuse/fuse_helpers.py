@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.mounts import is_mounted, umount_tree
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.mounts import is_mounted, umount_tree
 
 
 def nydusd_py() -> Path:

@@ -30,9 +30,9 @@ import pytest
 from fuse_helpers import nydusd_py
 from nydusd_helpers import Image, build_image, localfs_config
 
-from nydus_core.daemon.client import NydusdApiError, NydusdClient
-from nydus_core.daemon.holder_client import HeldSession, SessionHolder
-from nydus_core.daemon.mounts import is_mounted, umount_tree
+from nydus_core.control.daemons.client import NydusdApiError, NydusdClient
+from nydus_core.control.daemons.holder_client import HeldSession, SessionHolder
+from nydus_core.control.daemons.mounts import is_mounted, umount_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 

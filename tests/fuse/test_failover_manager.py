@@ -35,10 +35,10 @@ from test_nydusd_py_manager import _config, _meta, root  # noqa: F401  (fixture)
 
 from nydus_core.builtin import nydusd as nydusd_hooks
 from nydus_core.builtin import standby as standbys
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.manager import DaemonManager
-from nydus_core.daemon.model import DaemonRecord
-from nydus_core.daemon.mounts import is_mounted
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.manager import DaemonManager
+from nydus_core.control.daemons.model import DaemonRecord
+from nydus_core.control.daemons.mounts import is_mounted
 from nydus_core.plugins import build_plugin_manager
 from nydus_core.testing.services import live_pids_mentioning, process_alive
 
@@ -292,7 +292,7 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
         deadline = time.monotonic() + 10
         while pm.hook.nydus_daemon_alive(daemon=daemon) and time.monotonic() < deadline:
             time.sleep(0.01)
-        with caplog.at_level("ERROR", logger="nydus_core.daemon.manager"):
+        with caplog.at_level("ERROR", logger="nydus_core.control.daemons.manager"):
             assert mgr.check_liveness() == [daemon.id]
         assert any("died 3 times within 600s (limit 2): crash loop, giving failover up" in r.getMessage()
                    for r in caplog.records), caplog.text  # fmt: skip
@@ -314,8 +314,8 @@ def test_crash_loop_limit_gives_failover_up(root: Path, caplog: pytest.LogCaptur
 
 def _meta_again(snapshotter_root: Path, meta_id: str) -> Any:
     """The meta snapshot of `meta_id` as it is still on disk (the snapshot outlives its daemon)."""
-    from nydus_core.snapshot import labels as L
-    from nydus_core.snapshot.model import ImageSource
+    from nydus_core import labels as L
+    from nydus_core.control.snapshot.model import ImageSource
 
     boot = snapshotter_root / "snapshots" / meta_id / "fs" / "image" / "image.boot"
     ref = "localhost/test/img:latest"

@@ -5,7 +5,7 @@ blobs on a localfs backend, no registry) to a "container" prepared over its gRPC
 process (``failover_reader.py``, like a container) reads a file whole in a loop and lists a
 directory, while ``PUT /api/v1/daemons/upgrade`` moves the daemon onto **another program**: a
 wrapper generated here that runs nydusd-py but reports a different ``package_ver`` (it patches
-``nydus_core.nydusd.__version__`` before nydusd-py's ``main``; nothing in production code knows
+``nydus_core.data.runtime.__version__`` before nydusd-py's ``main``; nothing in production code knows
 about it). Checked: no reader error and right bytes, ``GET /api/v1/daemon`` reports the old
 version before and the new one after, the old pid is gone, the mount never went away,
 ``GET /api/v1/daemons`` lists the new pid, and a later ``kill -9`` fails over to the new program.
@@ -33,10 +33,10 @@ import pytest
 from fuse_helpers import nydusd_py
 from nydusd_helpers import Image, build_image
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.mounts import is_mounted
+from nydus_core import labels as L
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.mounts import is_mounted
 from nydus_core.faults import CRASH_ENV, UPGRADE_STEPS
-from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import NydusSnapshotter, live_pids_mentioning, process_alive, unmount_below
 
@@ -77,8 +77,8 @@ def upgraded_nydusd(workdir: Path) -> Path:
     return write_program(workdir / "nydusd-next", (
         f"#!{sys.executable}\n"
         "import sys\n"
-        "import nydus_core.nydusd\n"
-        f"nydus_core.nydusd.__version__ = {NEW_VERSION!r}\n"
+        "import nydus_core.data.runtime\n"
+        f"nydus_core.data.runtime.__version__ = {NEW_VERSION!r}\n"
         "from nydus_fuse.main import main\n"
         "sys.exit(main())\n"
     ))  # fmt: skip
@@ -415,7 +415,7 @@ def test_nydus_daemon_upgrade_one_at_a_time_and_not_taken_for_a_death(workdir: P
     import attrs
     from test_nydusd_py_manager import _config, _meta
 
-    from nydus_core.daemon.manager import DaemonManager, UpgradeBusy
+    from nydus_core.control.daemons.manager import DaemonManager, UpgradeBusy
     from nydus_core.hookspecs import hookimpl
     from nydus_core.plugins import build_plugin_manager
 

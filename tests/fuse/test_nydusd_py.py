@@ -15,9 +15,9 @@ import pytest
 from fuse_helpers import nydusd_py, running
 from nydusd_helpers import FIXTURES, Image, build_image, flip_byte, localfs_config
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.mounts import umount_tree
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.mounts import umount_tree
+from nydus_core.data.rafs.bootstrap import BlobSet, Bootstrap
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE and overlay mounts)")
 

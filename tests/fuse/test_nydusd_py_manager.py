@@ -18,13 +18,13 @@ import pytest
 from fuse_helpers import nydusd_py
 from nydusd_helpers import Image, build_image
 
+from nydus_core import labels as L
 from nydus_core.config import DaemonConfig, SnapshotterConfig
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.manager import DaemonManager
-from nydus_core.daemon.mounts import is_mounted, umount_tree
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.manager import DaemonManager
+from nydus_core.control.daemons.mounts import is_mounted, umount_tree
+from nydus_core.control.snapshot.model import ImageSource
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import ImageSource
 from nydus_core.testing.services import live_pids_mentioning
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")

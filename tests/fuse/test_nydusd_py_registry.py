@@ -17,10 +17,10 @@ import pytest
 from fuse_helpers import running
 from nydusd_helpers import Image, build_image
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.mounts import umount_tree
-from nydus_core.rafs.bootstrap import Bootstrap
-from nydus_core.remote.registry import RegistryClient
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.mounts import umount_tree
+from nydus_core.data.rafs.bootstrap import Bootstrap
+from nydus_core.data.remote.registry import RegistryClient
 from nydus_core.testing.proxy import FaultyProxy
 from nydus_core.testing.services import Registry
 

@@ -39,10 +39,10 @@ import pytest
 from fuse_helpers import nydusd_py
 from nydusd_helpers import Image, build_image
 
-from nydus_core.daemon.client import NydusdClient
-from nydus_core.daemon.holder_client import SessionHolder
+from nydus_core import labels as L
+from nydus_core.control.daemons.client import NydusdClient
+from nydus_core.control.daemons.holder_client import SessionHolder
 from nydus_core.faults import CRASH_ENV, STANDBY_SPAWNED, STEPS
-from nydus_core.snapshot import labels as L
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import (
     NydusSnapshotter,

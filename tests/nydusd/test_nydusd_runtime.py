@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from nydusd_helpers import FIXTURES, Image, build_image, localfs_config
 
-from nydus_core.daemon.client import NydusdApiError, NydusdClient
-from nydus_core.nydusd.api import ApiServer
-from nydus_core.nydusd.config import ConfigInvalid, NydusdConfig
-from nydus_core.nydusd.instance import RafsInstance
-from nydus_core.nydusd.runtime import STATE_RUNNING, DaemonRuntime
+from nydus_core.control.daemons.client import NydusdApiError, NydusdClient
+from nydus_core.data.runtime.api import ApiServer
+from nydus_core.data.runtime.instance import RafsInstance
+from nydus_core.data.runtime.nydusd_json import ConfigInvalid, NydusdConfig
+from nydus_core.data.runtime.state import STATE_RUNNING, DaemonRuntime
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import pytest
 
 from nydus_core import hookimpl
 from nydus_core.config import SnapshotterConfig
+from nydus_core.control.snapshot.model import Kind, Mount, MountRequest
+from nydus_core.data.remote.credentials import Credentials
 from nydus_core.plugins import (
     BUILTIN,
     BUILTIN_PLUGINS,
@@ -28,8 +30,6 @@ from nydus_core.plugins import (
     list_plugins,
     redact,
 )
-from nydus_core.remote.credentials import Credentials
-from nydus_core.snapshot.model import Kind, Mount, MountRequest
 
 MakeDist = Callable[[str, str, str], None]
 
@@ -94,8 +94,8 @@ def test_builtins_registered_first(make_dist: MakeDist) -> None:
     assert names[: len(BUILTIN_PLUGINS)] == list(BUILTIN_PLUGINS)
     assert names.index("good") < len(names) - 1  # the explicit one comes last
     by_name = {i.name: i for i in infos}
-    assert by_name["nydus_core.builtin.overlay_mounts"].origin == BUILTIN
-    assert by_name["nydus_core.builtin.overlay_mounts"].hooks == ("nydus_mounts",)
+    assert by_name["nydus_core.control.snapshot.overlay_mounts"].origin == BUILTIN
+    assert by_name["nydus_core.control.snapshot.overlay_mounts"].hooks == ("nydus_mounts",)
     assert by_name["good"].origin == ENTRY_POINT
     assert by_name["good"].distribution == "nydus-good"
     assert by_name["good"].version == "1.2.3"
@@ -110,7 +110,7 @@ def test_entry_point_overrides_builtin(make_dist: MakeDist, tmp_path: Path) -> N
         "kata",
         """
         from nydus_core import hookimpl
-        from nydus_core.snapshot.model import Mount
+        from nydus_core.control.snapshot.model import Mount
 
         @hookimpl
         def nydus_mounts(request, config):
@@ -146,11 +146,11 @@ def test_deny_entry_point(make_dist: MakeDist, caplog: pytest.LogCaptureFixture)
     assert "NYDUS_CORE_PLUGINS_DENY names 'nonexistent', but no such plugin is installed" in caplog.text
 
 
-@pytest.mark.parametrize("name", ["overlay_mounts", "nydus_core.builtin.overlay_mounts"])
+@pytest.mark.parametrize("name", ["overlay_mounts", "nydus_core.control.snapshot.overlay_mounts"])
 def test_deny_builtin(name: str, tmp_path: Path) -> None:
     pm = build_plugin_manager(entry_points=False, env={"NYDUS_CORE_PLUGINS_DENY": name})
     names = [i.name for i in list_plugins(pm)]
-    assert names == [m for m in BUILTIN_PLUGINS if m != "nydus_core.builtin.overlay_mounts"]
+    assert names == [m for m in BUILTIN_PLUGINS if m != "nydus_core.control.snapshot.overlay_mounts"]
     assert pm.hook.nydus_mounts(request=request(tmp_path), config=SnapshotterConfig()) is None
 
 

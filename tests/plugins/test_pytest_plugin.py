@@ -18,7 +18,7 @@ import pytest
 
 from nydus_core import hookimpl
 from nydus_core.config import SnapshotterConfig
-from nydus_core.snapshot.model import Kind, Mount, MountRequest
+from nydus_core.control.snapshot.model import Kind, Mount, MountRequest
 from nydus_core.testing import PluginManagerFactory, SnapshotterFactory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,8 +85,9 @@ def test_plugin_manager_factory(nydus_plugin_manager: PluginManagerFactory, tmp_
     assert pm.hook.nydus_mounts(request=req, config=SnapshotterConfig()) == [
         Mount(type="kata", source=str(tmp_path))
     ]
-    assert pm.get_plugin("nydus_core.builtin.overlay_mounts") is not None
-    assert nydus_plugin_manager(builtins=False).get_plugin("nydus_core.builtin.overlay_mounts") is None
+    assert pm.get_plugin("nydus_core.control.snapshot.overlay_mounts") is not None
+    no_builtins = nydus_plugin_manager(builtins=False)
+    assert no_builtins.get_plugin("nydus_core.control.snapshot.overlay_mounts") is None
 
 
 def test_root_and_config(snapshotter_root: Path, nydus_config: SnapshotterConfig) -> None:
@@ -188,7 +189,7 @@ import json, os, sys
 from pathlib import Path
 
 import attrs
-from nydus_core.snapshot import labels as L
+from nydus_core import labels as L
 
 
 def test_image_served_by_a_daemon(snapshotter, nydus_config, snapshotter_root):

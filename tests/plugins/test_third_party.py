@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import Kind
+from nydus_core import labels as L
+from nydus_core.control.snapshot.model import Kind
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import NydusSnapshotter, snapshotter_executable
 

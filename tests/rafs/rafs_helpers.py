@@ -116,7 +116,7 @@ def describe_dir(root: Path, *, nsec: bool = True, with_root: bool = True) -> De
 
 def describe_erofs(image: object, devices: list[bytes] | None = None, *, nsec: bool = True) -> Desc:
     """The same description as `describe_dir`, read through our EROFS reader."""
-    from nydus_core.rafs.erofs import LAYOUT_CHUNK_BASED, ErofsImage
+    from nydus_core.data.rafs.erofs import LAYOUT_CHUNK_BASED, ErofsImage
 
     assert isinstance(image, ErofsImage)
     out: Desc = {}

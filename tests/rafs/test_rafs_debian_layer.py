@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from rafs_helpers import describe_dir, erofs_mount, extract_with_gnu_tar, have_root
 
-from nydus_core.rafs.tree import tree_from_tar
-from nydus_core.rafs.writer import BuildOptions, build
+from nydus_core.data.rafs.tree import tree_from_tar
+from nydus_core.data.rafs.writer import BuildOptions, build
 
 LAYER = os.environ.get("NYDUS_DEBIAN_LAYER", "")
 
@@ -50,7 +50,7 @@ def test_debian_layer_mounts_like_gnu_tar_extracts(tmp_path: Path) -> None:
 
 
 def test_debian_layer_as_tarfs(tmp_path: Path) -> None:
-    from nydus_core.rafs.writer import build_tarfs
+    from nydus_core.data.rafs.writer import build_tarfs
 
     if LAYER.endswith((".gz", ".zst")):
         pytest.skip("tarfs needs the uncompressed tar")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rafs_helpers import describe_dir, describe_erofs, erofs_mount, have_root, make_source_tree
 
-from nydus_core.rafs import RafsError
-from nydus_core.rafs.erofs import LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, ErofsImage
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.erofs import LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, ErofsImage
 
 pytestmark = pytest.mark.skipif(not have_root() or shutil.which("mkfs.erofs") is None,
                                 reason="needs root (mknod, chown) and mkfs.erofs")  # fmt: skip

@@ -13,11 +13,11 @@ import pytest
 from rafs_helpers import describe_dir, erofs_mount, have_root
 
 from nydus_core.cli.nydus_image import main
-from nydus_core.rafs import RafsError
-from nydus_core.rafs.blob import read_toc
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
-from nydus_core.rafs.tree import merge_layers, tree_from_tar
-from nydus_core.rafs.writer import BuildOptions, build
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.blob import read_toc
+from nydus_core.data.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
+from nydus_core.data.rafs.tree import merge_layers, tree_from_tar
+from nydus_core.data.rafs.writer import BuildOptions, build
 
 
 def layer(path: Path, files: dict[str, bytes | None]) -> Path:

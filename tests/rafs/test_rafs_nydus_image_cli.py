@@ -14,9 +14,9 @@ import pytest
 from rafs_helpers import create_with_gnu_tar, make_source_tree
 
 from nydus_core.cli.nydus_image import main
-from nydus_core.rafs import DigestMismatch
-from nydus_core.rafs.blob import read_blob_ci, read_toc, verify_blob_data
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap
+from nydus_core.data.rafs import DigestMismatch
+from nydus_core.data.rafs.blob import read_blob_ci, read_toc, verify_blob_data
+from nydus_core.data.rafs.bootstrap import BlobSet, Bootstrap
 
 FIX = Path("/work/shared/fixtures/nydus")
 FIX_TAR = FIX / "tar" / "all-entry-type.tar"

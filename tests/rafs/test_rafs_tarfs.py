@@ -15,9 +15,9 @@ from rafs_helpers import (
     make_source_tree,
 )
 
-from nydus_core.rafs import RafsError
-from nydus_core.rafs.bootstrap import FLAG_TARFS_MODE, BlobSet, Bootstrap
-from nydus_core.rafs.writer import BuildOptions, build_tarfs
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.bootstrap import FLAG_TARFS_MODE, BlobSet, Bootstrap
+from nydus_core.data.rafs.writer import BuildOptions, build_tarfs
 
 FIX_TAR = Path("/work/shared/fixtures/nydus/tar/all-entry-type.tar")
 

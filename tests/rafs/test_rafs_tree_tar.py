@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.rafs import RafsError
-from nydus_core.rafs.tree import (
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.tree import (
     Kind,
     link_counts,
     merge_layers,

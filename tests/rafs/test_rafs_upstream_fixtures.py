@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rafs_helpers import erofs_mount, have_root
 
-from nydus_core.rafs import DigestMismatch, RafsError
-from nydus_core.rafs.blob import digest, read_toc, read_toc_section, verify_blob_data
-from nydus_core.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
+from nydus_core.data.rafs import DigestMismatch, RafsError
+from nydus_core.data.rafs.blob import digest, read_toc, read_toc_section, verify_blob_data
+from nydus_core.data.rafs.bootstrap import BlobSet, Bootstrap, bootstrap_from_blob
 
 FIX = Path("/work/shared/fixtures/nydus")
 BOOT = FIX / "bootstrap" / "rafs-v6-2.2.boot"
@@ -119,7 +119,7 @@ def test_kernel_mounts_upstream_bootstrap(tmp_path: Path) -> None:
 
 
 def test_blob_ci_table_matches_bootstrap_chunk_table() -> None:
-    from nydus_core.rafs.blob import read_blob_ci
+    from nydus_core.data.rafs.blob import read_blob_ci
 
     bs = Bootstrap.open(BOOT)
     entry = bs.blobs[0]
@@ -151,9 +151,9 @@ def test_read_range_touches_only_needed_chunks() -> None:
 
 def test_rebuilding_upstream_content_gives_upstream_inodes() -> None:
     """Same files, same options: our inodes are byte-identical to nydus-image 2.2's (root: but i_ino)."""
-    from nydus_core.rafs.erofs import ErofsImage
-    from nydus_core.rafs.tree import tree_from_bootstrap
-    from nydus_core.rafs.writer import BuildOptions, build
+    from nydus_core.data.rafs.erofs import ErofsImage
+    from nydus_core.data.rafs.tree import tree_from_bootstrap
+    from nydus_core.data.rafs.writer import BuildOptions, build
 
     up = BOOT.read_bytes()
     bs = Bootstrap(up)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from nydus_core.cli.nydus_image import main
-from nydus_core.rafs import DigestMismatch, RafsError
-from nydus_core.rafs.tree import Kind, Node, walk
-from nydus_core.rafs.v5 import RafsV5, tree_from_v5
+from nydus_core.data.rafs import DigestMismatch, RafsError
+from nydus_core.data.rafs.tree import Kind, Node, walk
+from nydus_core.data.rafs.v5 import RafsV5, tree_from_v5
 
 REP = Path("/work/shared/fixtures/nydus/repeatable")
 BOOT = REP / "sha256-nocompress-repeatable"

@@ -17,9 +17,9 @@ from rafs_helpers import (
     make_source_tree,
 )
 
-from nydus_core.rafs.erofs import ErofsImage
-from nydus_core.rafs.tree import merge_layers, tree_from_dir, tree_from_tar
-from nydus_core.rafs.writer import BuildOptions, build
+from nydus_core.data.rafs.erofs import ErofsImage
+from nydus_core.data.rafs.tree import merge_layers, tree_from_dir, tree_from_tar
+from nydus_core.data.rafs.writer import BuildOptions, build
 
 FIX_TAR = Path("/work/shared/fixtures/nydus/tar/all-entry-type.tar")
 

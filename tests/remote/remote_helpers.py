@@ -12,9 +12,9 @@ from typing import Any
 import attrs
 from remote_pki import KeyPair, make_ca, make_server_cert, make_signing_cert
 
+from nydus_core.data.remote import backend
+from nydus_core.data.remote.credentials import Credentials
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.remote import backend
-from nydus_core.remote.credentials import Credentials
 from nydus_core.testing.services import Registry
 
 USER, PASSWORD = "alice", "s3cret-pa55"

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from nydus_core.remote.errors import BlobNotFound, RegistryError
-from nydus_core.remote.mirrors import from_nydusd_json
-from nydus_core.remote.registry import RegistryClient
+from nydus_core.data.remote.errors import BlobNotFound, RegistryError
+from nydus_core.data.remote.mirrors import from_nydusd_json
+from nydus_core.data.remote.registry import RegistryClient
 from nydus_core.testing.proxy import Fault, FaultyProxy
 from nydus_core.testing.services import Registry, free_tcp_port
 

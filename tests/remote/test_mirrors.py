@@ -17,14 +17,14 @@ import pytest
 from remote_helpers import PASSWORD, USER, Pki, hook_credentials, start_registry
 from token_server import TokenServer
 
-from nydus_core.remote.mirrors import (
+from nydus_core.data.remote.mirrors import (
     MirrorConfig,
     MirrorConfigError,
     from_hosts_dir,
     from_nydusd_json,
     hosts_dir_for,
 )
-from nydus_core.remote.registry import USER_AGENT, RegistryClient
+from nydus_core.data.remote.registry import USER_AGENT, RegistryClient
 from nydus_core.testing.proxy import FaultyProxy
 from nydus_core.testing.services import Registry
 

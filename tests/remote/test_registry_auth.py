@@ -16,8 +16,8 @@ import pytest
 from remote_helpers import PASSWORD, USER, Pki, hook_credentials
 from token_server import TokenServer
 
-from nydus_core.remote.errors import RegistryAuthError, RegistryError
-from nydus_core.remote.registry import RegistryClient
+from nydus_core.data.remote.errors import RegistryAuthError, RegistryError
+from nydus_core.data.remote.registry import RegistryClient
 from nydus_core.testing.services import Registry
 
 WRONG = "definitely-wrong-pw"
@@ -127,9 +127,9 @@ def test_daemon_config_from_the_snapshotter_builds_a_working_client(
     basic_registry: Registry, docker_config: Callable[..., Path], tmp_path: Path
 ) -> None:
     """The snapshotter's nydusd JSON (credentials put in ``auth`` by the hook) drives the daemon's client."""
-    from nydus_core.daemon.nydusd_config import DEFAULT_TEMPLATE, build_config
+    from nydus_core.control.daemons.image_config import DEFAULT_TEMPLATE, build_config
+    from nydus_core.data.remote.backend import BackendConfigError, client_from_backend_config
     from nydus_core.plugins import build_plugin_manager
-    from nydus_core.remote.backend import BackendConfigError, client_from_backend_config
 
     docker_config(basic_registry.host)
     data = os.urandom(70_000)

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nydus_core.remote.errors import BlobNotFound, RegistryError
-from nydus_core.remote.reference import parse_ref
-from nydus_core.remote.registry import OCI_MANIFEST, RegistryClient, coalesce
+from nydus_core.data.remote.errors import BlobNotFound, RegistryError
+from nydus_core.data.remote.reference import parse_ref
+from nydus_core.data.remote.registry import OCI_MANIFEST, RegistryClient, coalesce
 from nydus_core.testing.proxy import FaultyProxy
 from nydus_core.testing.services import Registry
 
@@ -196,7 +196,7 @@ class _Redirector:
 
 
 def test_redirect_to_another_host_never_carries_authorization() -> None:
-    from nydus_core.remote.credentials import Credentials
+    from nydus_core.data.remote.credentials import Credentials
 
     data = os.urandom(10_000)
     r = _Redirector(data)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nydus_core import labels as L
+from nydus_core.data.remote.auth import docker_config_path, from_docker_config, from_labels, normalize_host
+from nydus_core.data.remote.credentials import Credentials
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.remote.auth import docker_config_path, from_docker_config, from_labels, normalize_host
-from nydus_core.remote.credentials import Credentials
-from nydus_core.snapshot import labels as L
 
 
 def b64(text: str) -> str:

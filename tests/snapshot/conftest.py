@@ -13,9 +13,9 @@ import pytest
 
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from nydus_core.config import SnapshotterConfig
+from nydus_core.control.snapshot.server import RunningServer, serve
+from nydus_core.control.snapshot.snapshotter import ImageService, Snapshotter
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot.server import RunningServer, serve
-from nydus_core.snapshot.snapshotter import ImageService, Snapshotter
 
 
 @attrs.define

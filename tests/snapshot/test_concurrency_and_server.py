@@ -18,9 +18,9 @@ from snap_helpers import commit, list_names, prepare, remove, stat, usage, view
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from nydus_core.config import SnapshotterConfig
+from nydus_core.control.snapshot.server import serve
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot.server import serve
-from nydus_core.snapshot.snapshotter import Snapshotter
 
 
 def test_sixteen_clients_prepare_commit_remove(served: Served) -> None:

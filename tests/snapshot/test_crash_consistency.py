@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 
 from nydus_core.config import SnapshotterConfig
+from nydus_core.control.snapshot.model import Kind
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot.model import Kind
-from nydus_core.snapshot.snapshotter import Snapshotter
 
 _WORKER = r"""
 import sys
 from pathlib import Path
 from nydus_core.config import SnapshotterConfig
 from nydus_core.plugins import build_plugin_manager
-from nydus_core.snapshot.snapshotter import Snapshotter
+from nydus_core.control.snapshot.snapshotter import Snapshotter
 root = Path(sys.argv[1])
 sn = Snapshotter(root, SnapshotterConfig(root=root), build_plugin_manager(entry_points=False))
 base = "base"

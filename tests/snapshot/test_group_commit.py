@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from nydus_core.control.snapshot import metastore
+from nydus_core.control.snapshot.metastore import MetaStore
+from nydus_core.control.snapshot.model import Kind, Snapshot
 from nydus_core.errors import AlreadyExists
-from nydus_core.snapshot import metastore
-from nydus_core.snapshot.metastore import MetaStore
-from nydus_core.snapshot.model import Kind, Snapshot
 
 
 class CountingStore(MetaStore):

@@ -6,9 +6,9 @@ import os
 import threading
 from pathlib import Path
 
-from nydus_core.snapshot import metastore
-from nydus_core.snapshot.metastore import MetaStore
-from nydus_core.snapshot.model import Kind
+from nydus_core.control.snapshot import metastore
+from nydus_core.control.snapshot.metastore import MetaStore
+from nydus_core.control.snapshot.model import Kind
 
 
 def _open_db_files(db: Path) -> int:

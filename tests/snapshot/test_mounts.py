@@ -16,7 +16,11 @@ from conftest import Served
 from snap_helpers import commit, mounts, prepare, remove, shape, update, view
 
 from nydus_core.config import SnapshotterConfig
-from nydus_core.snapshot.mounts import OVERLAY_INDEX_PARAM, overlay_index_off, relative_overlay_options
+from nydus_core.control.snapshot.overlay_mounts import (
+    OVERLAY_INDEX_PARAM,
+    overlay_index_off,
+    relative_overlay_options,
+)
 
 INDEX = ["index=off"] if OVERLAY_INDEX_PARAM.exists() else []
 

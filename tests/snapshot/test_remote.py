@@ -24,13 +24,13 @@ from snap_helpers import (
     view,
 )
 
+from nydus_core import labels as L
 from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from nydus_core.config import SnapshotterConfig
-from nydus_core.daemon.model import Instance
+from nydus_core.control.daemons.model import Instance
+from nydus_core.control.snapshot.model import ChainEntry, ImageSource, Info, Layer, LayerClaim
+from nydus_core.control.snapshot.overlay_mounts import OVERLAY_INDEX_PARAM
 from nydus_core.hookspecs import hookimpl
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import ChainEntry, ImageSource, Info, Layer, LayerClaim
-from nydus_core.snapshot.mounts import OVERLAY_INDEX_PARAM
 
 C = grpc.StatusCode
 LAZY = "containerd.io/snapshot/test-lazy"

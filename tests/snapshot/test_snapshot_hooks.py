@@ -9,10 +9,10 @@ from typing import Any
 import grpc
 from snap_helpers import commit, expect_code, mounts, prepare, prepare_l, remove, shape
 
+from nydus_core import labels as L
 from nydus_core.config import SnapshotterConfig
+from nydus_core.control.snapshot.model import Info, Kind, Layer, LayerClaim, Mount, MountRequest
 from nydus_core.hookspecs import hookimpl
-from nydus_core.snapshot import labels as L
-from nydus_core.snapshot.model import Info, Kind, Layer, LayerClaim, Mount, MountRequest
 
 
 class NydusOverlayfsMounts:

@@ -29,9 +29,9 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from nydus_core.nydusd.instance import RafsInstance
-from nydus_core.nydusd.runtime import DaemonRuntime
-from nydus_core.rafs.erofs import Inode
+from nydus_core.data.rafs.erofs import Inode
+from nydus_core.data.runtime.instance import RafsInstance
+from nydus_core.data.runtime.state import DaemonRuntime
 from nydus_fuse.journal import Journal
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from nydus_core.nydusd import __version__
-from nydus_core.nydusd.api import ApiServer
-from nydus_core.nydusd.runtime import STATE_RUNNING, ApiError, DaemonRuntime, git_commit
+from nydus_core.data.runtime import __version__
+from nydus_core.data.runtime.api import ApiServer
+from nydus_core.data.runtime.state import STATE_RUNNING, ApiError, DaemonRuntime, git_commit
 
 log = logging.getLogger("nydusd-py")
 

@@ -31,8 +31,8 @@ import signal
 import threading
 from typing import Any
 
-from nydus_core.daemon.supervisor import SupervisorError, fetch_state, peek_state, send_state
-from nydus_core.nydusd.runtime import STATE_READY, STATE_RUNNING, ApiError, DaemonRuntime
+from nydus_core.control.daemons.supervisor import SupervisorError, fetch_state, peek_state, send_state
+from nydus_core.data.runtime.state import STATE_READY, STATE_RUNNING, ApiError, DaemonRuntime
 from nydus_fuse.journal import Journal, judge
 from nydus_fuse.session import ReplaySession, fuse_mounted, init_info, mount_fuse, unmount
 
@@ -227,8 +227,8 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
         # state names now, and build what opening one more needs (the registry client's HTTP
         # stack and TLS roots, ~100 ms), so that neither falls inside the failover pause.
         # Before `loaded`: a takeover waits for this instead of racing it.
-        import nydus_core.remote.backend  # noqa: F401
-        from nydus_core.remote.registry import warm_up
+        import nydus_core.data.remote.backend  # noqa: F401
+        from nydus_core.data.remote.registry import warm_up
 
         warm_up()
         ctl.preload()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nydus_core import hookimpl
 from nydus_core.config import SnapshotterConfig
-from nydus_core.snapshot.model import Layer, LayerClaim
+from nydus_core.control.snapshot.model import Layer, LayerClaim
 
 CLAIM_LABEL = "example.com/sample-claim"
 CLAIMED_LABEL = "example.com/sample-claimed"

@@ -1,0 +1,282 @@
+"""Per-blob cache: sparse uncompressed data file + persistent chunk map, filled on demand.
+
+Files in the cache dir, named as nydusd names them: ``<blob_id>.blob.data`` (each chunk's
+uncompressed bytes at its uncompressed offset, holes elsewhere) and
+``<blob_id>.blob.data.chunk_map``. A chunk is decoded and its digest checked *before* it is
+written or returned; a mismatch raises `ChunkCorrupt` naming blob and chunk, and nothing is
+cached, so a later read (after the fault is gone) fetches it again.
+
+Concurrency: one fetch per chunk however many readers want it (single flight: later readers wait
+on the first one's event). A miss also claims following not-yet-cached chunks that are contiguous
+in the blob, up to `amplify_io` compressed bytes, so a sequential reader costs one range request
+per amplification window rather than one per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nydus_core.data.cache import CacheError
+from nydus_core.data.cache.chunk_map import ChunkMap
+from nydus_core.data.cache.source import ChunkSource
+from nydus_core.data.rafs import RafsError
+from nydus_core.data.rafs.blob import decompress, digest
+from nydus_core.data.rafs.bootstrap import CHUNK_FLAG_COMPRESSED, BlobEntry, ChunkInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AMPLIFY_IO = 1 << 20
+MAX_GAP = 4096  # bytes between two chunks in the blob that an amplified read may skip over
+
+
+class ChunkCorrupt(CacheError):
+    """A chunk's bytes do not match the digest in the bootstrap; they were not cached."""
+
+
+@dataclass
+class CacheStats:
+    """Counters for ``/api/v1/metrics/blobcache`` and ``/api/v1/metrics/backend``."""
+
+    hits: int = 0
+    misses: int = 0
+    backend_reads: int = 0
+    backend_bytes: int = 0
+    backend_errors: int = 0
+    backend_latency_us: int = 0
+    digest_failures: int = 0
+    prefetch_chunks: int = 0
+    prefetch_bytes: int = 0
+    prefetch_requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class _Flight:
+    """One in-progress fetch; waiters block on `done` and then look at `error`."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class BlobCache:
+    """Cached, verified chunks of one blob."""
+
+    def __init__(
+        self,
+        entry: BlobEntry,
+        chunks: Iterable[ChunkInfo],
+        source: ChunkSource,
+        work_dir: str,
+        *,
+        amplify_io: int = DEFAULT_AMPLIFY_IO,
+        validate_on_hit: bool = False,
+        stats: CacheStats | None = None,
+    ) -> None:
+        self.entry = entry
+        self.blob_id = entry.blob_id
+        self.source = source
+        self.amplify_io = max(0, amplify_io)
+        self.validate_on_hit = validate_on_hit
+        self.stats = stats or CacheStats()
+        by_index: dict[int, ChunkInfo] = {}
+        for c in chunks:
+            by_index.setdefault(c.index, c)
+        self.chunks = by_index
+        # Blob order, for amplification: neighbours by compressed offset.
+        self._order = sorted(by_index.values(), key=lambda c: c.compressed_offset)
+        self._pos = {c.index: i for i, c in enumerate(self._order)}
+        count = max(1, entry.chunk_count, max(by_index, default=-1) + 1)
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        self.data_path = os.path.join(work_dir, f"{self.blob_id}.blob.data")
+        self.map = ChunkMap(self.data_path + ".chunk_map", count)
+        self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        span = max((c.uncompressed_offset + c.uncompressed_size for c in by_index.values()), default=0)
+        if os.fstat(self._fd).st_size < span:
+            os.ftruncate(self._fd, span)  # sparse: only fetched chunks take space
+        self._lock = threading.Lock()
+        self._flights: dict[int, _Flight] = {}
+
+    # -- reading -----------------------------------------------------------------------------
+    def is_ready(self, chunk: ChunkInfo) -> bool:
+        return self.map.is_ready(chunk.index)
+
+    def read_cached(self, chunk: ChunkInfo, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of a chunk known to be ready (no fetch, no locking)."""
+        return os.pread(self._fd, hi - lo, chunk.uncompressed_offset + lo)
+
+    def read_cached_into(self, chunk: ChunkInfo, lo: int, view: memoryview) -> int:
+        """Fill `view` from a ready chunk at offset `lo` (no allocation: the hot path of reads)."""
+        return os.preadv(self._fd, [view], chunk.uncompressed_offset + lo)
+
+    def will_need(self, chunk: ChunkInfo) -> None:
+        """Ask the kernel to start reading a ready chunk from the cache file (sequential readers)."""
+        if self.map.is_ready(chunk.index):
+            os.posix_fadvise(self._fd, chunk.uncompressed_offset, chunk.uncompressed_size,
+                             os.POSIX_FADV_WILLNEED)  # fmt: skip
+
+    def read(self, chunk: ChunkInfo, lo: int = 0, hi: int | None = None) -> bytes:
+        """Bytes [lo, hi) of a chunk's uncompressed data, fetching and verifying it if needed."""
+        end = chunk.uncompressed_size if hi is None else hi
+        if self.map.is_ready(chunk.index):
+            self.stats.add(hits=1)
+            if self.validate_on_hit:
+                data = self.read_cached(chunk, 0, chunk.uncompressed_size)
+                self._verify(chunk, data)
+                return data[lo:end]
+            return self.read_cached(chunk, lo, end)
+        self.stats.add(misses=1)
+        data = self.fetch(chunk)
+        return data[lo:end] if (lo, end) != (0, len(data)) else data
+
+    def fetch(self, chunk: ChunkInfo, *, prefetch: bool = False) -> bytes:
+        """Make `chunk` ready and return its data (single flight, amplified)."""
+        while True:
+            with self._lock:
+                if self.map.is_ready(chunk.index):
+                    mine = None
+                    flight = None
+                else:
+                    flight = self._flights.get(chunk.index)
+                    mine = None
+                    if flight is None:
+                        mine = self._claim(chunk)
+            if flight is None and mine is None:
+                return self.read_cached(chunk, 0, chunk.uncompressed_size)
+            if mine is not None:
+                return self._run(mine, chunk, prefetch)
+            assert flight is not None
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            # ready now (or the leader's result was dropped): loop reads it from the file
+
+    def _claim(self, first: ChunkInfo) -> list[tuple[ChunkInfo, _Flight]]:
+        """Under the lock: register flights for `first` and the neighbours an amplified read takes."""
+        claimed = [(first, _Flight())]
+        self._flights[first.index] = claimed[0][1]
+        start = first.compressed_offset
+        end = start + first.compressed_size
+        pos = self._pos.get(first.index)
+        if pos is not None and self.amplify_io > 0:
+            for nxt in self._order[pos + 1 :]:
+                if nxt.flags & 0x2:  # hole: nothing in the blob
+                    continue
+                new_end = nxt.compressed_offset + nxt.compressed_size
+                if (nxt.compressed_offset - end > MAX_GAP or new_end - start > self.amplify_io
+                        or nxt.compressed_offset < end):  # fmt: skip
+                    break
+                if self.map.is_ready(nxt.index) or nxt.index in self._flights:
+                    break
+                fl = _Flight()
+                self._flights[nxt.index] = fl
+                claimed.append((nxt, fl))
+                end = new_end
+        return claimed
+
+    def _run(self, claimed: list[tuple[ChunkInfo, _Flight]], want: ChunkInfo, prefetch: bool) -> bytes:
+        start = claimed[0][0].compressed_offset
+        last = claimed[-1][0]
+        size = last.compressed_offset + last.compressed_size - start
+        result: bytes | None = None
+        error: BaseException | None = None
+        try:
+            t0 = time.monotonic()
+            try:
+                raw = self.source.read(self.blob_id, start, size)
+            except OSError as e:
+                self.stats.add(backend_errors=1)
+                raise CacheError(
+                    e.errno or 5, f"blob {self.blob_id} chunk {want.index}: backend read failed: {e}"
+                ) from e
+            self.stats.add(backend_reads=1, backend_bytes=size,
+                           backend_latency_us=int((time.monotonic() - t0) * 1e6))  # fmt: skip
+            written: list[tuple[ChunkInfo, _Flight, bytes]] = []
+            for chunk, flight in claimed:
+                off = chunk.compressed_offset - start
+                try:
+                    data = self._decode(chunk, raw[off : off + chunk.compressed_size])
+                    os.pwrite(self._fd, data, chunk.uncompressed_offset)
+                except BaseException as e:
+                    flight.error = e
+                    if chunk is want:
+                        error = e
+                    continue
+                written.append((chunk, flight, data))
+            if written:
+                # Data first and durable (one flush for the batch), then the ready bits: a crash
+                # never leaves a bit set over data that did not reach the disk.
+                os.fdatasync(self._fd)
+            for chunk, _, data in written:
+                self.map.mark(chunk.index)
+                if chunk is want:
+                    result = data
+                if prefetch:
+                    self.stats.add(prefetch_chunks=1, prefetch_bytes=len(data))
+        except BaseException as e:
+            error = e
+            for _, flight in claimed:
+                if flight.error is None:
+                    flight.error = e
+        finally:
+            with self._lock:
+                for chunk, flight in claimed:
+                    self._flights.pop(chunk.index, None)
+                    flight.done.set()
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    def _decode(self, chunk: ChunkInfo, raw: bytes) -> bytes:
+        what = f"blob {self.blob_id} chunk {chunk.index}"
+        try:
+            if chunk.flags & CHUNK_FLAG_COMPRESSED:
+                data = decompress(self.entry.compression_algo, raw, chunk.uncompressed_size, what)
+            else:
+                if len(raw) < chunk.uncompressed_size:
+                    raise RafsError(f"{what}: {len(raw)} raw bytes, expected {chunk.uncompressed_size}")
+                data = raw[: chunk.uncompressed_size]
+        except RafsError as e:
+            self.stats.add(digest_failures=1)
+            self._forget_source()
+            raise ChunkCorrupt(5, str(e)) from e
+        self._verify(chunk, data)
+        return data
+
+    def _verify(self, chunk: ChunkInfo, data: bytes) -> None:
+        got = digest(self.entry.digest_algo, data)
+        if got != chunk.digest:
+            self.stats.add(digest_failures=1)
+            self._forget_source()
+            raise ChunkCorrupt(
+                5,
+                f"blob {self.blob_id} chunk {chunk.index}: digest mismatch "
+                f"(bootstrap {chunk.digest.hex()}, data {got.hex()}); not cached",
+            )
+
+    def _forget_source(self) -> None:
+        forget = getattr(self.source, "forget", None)
+        if callable(forget):
+            forget(self.blob_id)  # a replaced blob file is reopened on the next read
+
+    # -- accounting --------------------------------------------------------------------------
+    def cached_bytes(self) -> int:
+        return sum(c.uncompressed_size for c in self.chunks.values() if self.map.is_ready(c.index))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.map.close()

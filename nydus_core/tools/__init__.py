@@ -1,0 +1,1 @@
+"""The engines behind the image tools (``nydusify``, ``nydus-image``)."""
