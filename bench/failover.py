@@ -40,8 +40,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from nydus_fuse.backend import standby as standbys
+
 from nydus_core import labels as L
-from nydus_core.builtin import standby as standbys
 from nydus_core.config import DaemonConfig, SnapshotterConfig
 from nydus_core.control.daemons.manager import DaemonManager
 from nydus_core.control.daemons.model import DaemonRecord
@@ -180,9 +181,10 @@ def snapshotter_config(root: Path, blobs: Path, standby: bool, mode: str = "dedi
                    "cache": {"type": "blobcache", "config": {"work_dir": ""}}},
         "mode": "direct", "digest_validate": False, "fs_prefetch": {"enable": False},
     }))  # fmt: skip
-    daemon = DaemonConfig(nydusd_path=nydusd_py(), nydusd_config=template, recover_policy="failover",
-                          failover_standby=standby)  # fmt: skip
-    return SnapshotterConfig(root=root, daemon=daemon, daemon_mode=mode)
+    daemon = DaemonConfig(nydusd_path=nydusd_py(), nydusd_config=template, recover_policy="failover")
+    # failover_standby is the fuse plugin's key (`nydus_fuse.backend.fusedev.FAILOVER_STANDBY`)
+    return SnapshotterConfig(root=root, daemon=daemon, daemon_mode=mode,
+                             plugin_options={"daemon.failover_standby": standby})  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -193,8 +195,7 @@ def served_image(
     daemon id and the image's mountpoint."""
     root = Path(tempfile.mkdtemp(prefix="nbf-", dir="/tmp"))  # short: unix socket paths
     events = Events()
-    pm = build_plugin_manager([], entry_points=False, env={})
-    pm.register(events, name="bench-events")
+    pm = build_plugin_manager([events], env={})  # the installed backends (the fuse plugin)
     mgr = DaemonManager(snapshotter_config(root, blobs, standby, daemon_mode), pm)
     try:
         mgr.recover()
@@ -211,9 +212,9 @@ def served_image(
     finally:
         mgr.stop_liveness_monitor()  # else it sees the holder go and starts a new one
         for daemon in mgr.daemons():  # a shared daemon outlives its last image (and has a standby)
-            pm.hook.nydus_daemon_stop(daemon=daemon)
-        if mgr.session_holder is not None:  # the session holder outlives a snapshotter on purpose
-            mgr.session_holder.shutdown(force=True)
+            mgr.backend(daemon.fs_driver).backend.stop(daemon)
+        for registered in pm.registry.backends.values():  # the session holder outlives a snapshotter
+            registered.record.backend.purge(root)
         mgr.close()
         umount_tree(root)
         shutil.rmtree(root, ignore_errors=True)

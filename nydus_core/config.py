@@ -12,7 +12,13 @@ Section and key names are upstream's (``version = 1``, ``root``, ``address``, ``
   snapshotter that half-understands its configuration is worse than one that refuses to start;
 * an unknown key is logged as a warning naming the dotted key and the file, and ignored, so a
   file written for a newer upstream release still works;
-* ``daemon_mode = "multiple"`` (upstream's default name) is stored as its alias ``dedicated``.
+* ``daemon_mode = "multiple"`` (upstream's default name) is stored as its alias ``dedicated``;
+* ``[daemon] fs_driver`` is any backend name: the installed backend records decide (start-up
+  refuses a configured name no installed plugin provides, with the pip extra that would);
+* keys that plugins register (`nydus_core.records.ConfigOption`, passed as ``options``) are parsed
+  and type-checked like the core's and land in `SnapshotterConfig.plugin_options`;
+* `SnapshotterConfig.explicit` records the dotted keys the file (or the flags) set, so that
+  start-up can tell "configured" from "the default".
 
 One deliberate difference: upstream merges defaults into zero-valued fields, so a boolean whose
 default is true cannot be switched off in the file. Here an explicit ``false`` is honoured.
@@ -26,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,7 @@ import cattrs
 import tomli
 
 from nydus_core.errors import ConfigError
+from nydus_core.records import ConfigOption
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,10 @@ DEFAULT_NYDUSD_CONFIG = Path("/etc/nydus/nydusd-config.json")
 # Our Python daemon; never named `nydusd` so it cannot shadow a real nydusd on the PATH.
 DEFAULT_NYDUSD = "nydusd-py"
 
+# Upstream's fs_driver values (for help texts); any name a backend record has is accepted.
 FS_DRIVERS = ("fusedev", "fscache", "blockdev", "proxy", "nodev")
+DEFAULT_FS_DRIVER = "fusedev"
+_BACKEND_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 DAEMON_MODES = ("multiple", "dedicated", "shared", "none")
 RECOVER_POLICIES = ("none", "restart", "failover")
 FAILOVER_POLICIES = ("none", "resend", "flush")
@@ -136,6 +146,12 @@ def _socket_path(_inst: Any, _attr: attrs.Attribute[Any], value: Path) -> None:
         )
 
 
+def _backend_name(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not _BACKEND_NAME.match(value):
+        shown = ", ".join(repr(c) for c in FS_DRIVERS)
+        raise ValueError(f"{value!r} is not a backend name (upstream's are {shown})")
+
+
 def _canonical_daemon_mode(value: str) -> str:
     """Upstream calls dedicated mode ``multiple`` (its default); we store one canonical name."""
     return "dedicated" if value == "multiple" else value
@@ -151,23 +167,16 @@ _non_negative = _int_range(0)
 
 @attrs.define
 class DaemonConfig:
-    """``[daemon]``: upstream's keys, plus one extension of ours.
-
-    ``failover_standby`` (not upstream's): with ``recover_policy = "failover"``, keep the next
-    generation of each fusedev daemon started and waiting (imports done, image open, state INIT),
-    so a death is taken over in milliseconds instead of the time a new interpreter needs. Off by
-    default because it doubles the daemon processes (and their memory).
-    """
+    """``[daemon]``: upstream's keys (a backend plugin may add its own, `ConfigOption`)."""
 
     nydusd_config: Path = DEFAULT_NYDUSD_CONFIG
     nydusd_path: str = DEFAULT_NYDUSD
     nydusimage_path: str = "nydus-image"
-    fs_driver: str = attrs.field(default="fusedev", validator=_one_of(FS_DRIVERS))
+    fs_driver: str = attrs.field(default=DEFAULT_FS_DRIVER, validator=_backend_name)
     recover_policy: str = attrs.field(default="restart", validator=_one_of(RECOVER_POLICIES))
     threads_number: int = attrs.field(default=0, validator=_int_range(0, MAX_THREADS))
     log_rotation_size: int = attrs.field(default=100, validator=_non_negative)
     failover_policy: str = attrs.field(default="resend", validator=_one_of(FAILOVER_POLICIES))
-    failover_standby: bool = False
 
 
 @attrs.define
@@ -298,6 +307,15 @@ class SnapshotterConfig:
     cache_manager: CacheManagerConfig = attrs.Factory(CacheManagerConfig)
     image: ImageConfig = attrs.Factory(ImageConfig)
     experimental: ExperimentalConfig = attrs.Factory(ExperimentalConfig)
+    # Not TOML keys (metadata internal): values of plugin-registered keys by dotted key, and the
+    # dotted keys the file and the flags set.
+    plugin_options: dict[str, Any] = attrs.field(factory=dict, metadata={"internal": True})
+    explicit: frozenset[str] = attrs.field(factory=frozenset, metadata={"internal": True})
+
+    def is_set(self, dotted: str) -> bool:
+        """Whether the file or the flags set `dotted` (``daemon.fs_driver``), rather than it
+        holding its default."""
+        return dotted in self.explicit
 
     @property
     def cache_dir(self) -> Path:
@@ -415,9 +433,11 @@ def _split_cattrs_message(message: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(path: Path | None) -> SnapshotterConfig:
+def load_config(path: Path | None, options: Iterable[ConfigOption] = ()) -> SnapshotterConfig:
     """Read and validate a ``config.toml``; ``None`` gives the defaults.
 
+    :param options: the keys plugins registered (``pm.registry.config_options()``); they are
+        checked like the core's keys and not warned about.
     :raises ConfigError: the file is missing or unreadable, is not TOML, lacks ``version = 1``,
         or holds a value of the wrong type or out of range. The message names the file and the
         dotted key.
@@ -432,38 +452,89 @@ def load_config(path: Path | None) -> SnapshotterConfig:
         raise ConfigError(f"{path}: cannot read configuration file: {exc}") from None
     except tomli.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_mapping(data, source=str(path))
+    return config_from_mapping(data, source=str(path), options=options)
 
 
-def config_from_mapping(data: Mapping[str, Any], *, source: str) -> SnapshotterConfig:
+def config_from_mapping(
+    data: Mapping[str, Any], *, source: str, options: Iterable[ConfigOption] = ()
+) -> SnapshotterConfig:
     """Validate an already parsed TOML document; `source` names it in messages and warnings."""
     if "version" not in data:
         raise ConfigError(f"{source}: version: missing; the file must contain `version = 1`")
     if data["version"] != 1 or isinstance(data["version"], bool):
         raise ConfigError(f"{source}: version: unsupported value {data['version']!r}, expected 1")
-    known = _drop_unknown_keys(data, SnapshotterConfig, source=source, prefix="")
+    by_key = {o.dotted: o for o in options}
+    plugin_values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    known = _drop_unknown_keys(data, SnapshotterConfig, source=source, prefix="", options=by_key,
+                               plugin_values=plugin_values, explicit=explicit)  # fmt: skip
     config = _structure(known, source)
     _validate_tree(config, source, prefix="")
     _check_cross_field(config, source)
+    config.plugin_options = _check_plugin_values(plugin_values, by_key, source)
+    config.explicit = frozenset(explicit)
     return config
 
 
-def _drop_unknown_keys(data: Mapping[str, Any], cls: type, *, source: str, prefix: str) -> dict[str, Any]:
-    """Warn about (and drop) keys the model does not know, recursing into known tables."""
-    fields = {f.name: f for f in attrs.fields(cls)}
+def _check_plugin_values(
+    values: Mapping[str, Any], options: Mapping[str, ConfigOption], source: str
+) -> dict[str, Any]:
+    checked: dict[str, Any] = {}
+    for dotted, value in values.items():
+        option = options[dotted]
+        wanted = option.type
+        ok = isinstance(value, wanted) and not (wanted is not bool and isinstance(value, bool))
+        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[wanted]
+            raise ConfigError(f"{source}: {dotted}: expected {name}, got {_toml_type(value)} ({value!r})")
+        if option.validator is not None:
+            try:
+                option.validator(value)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{source}: {dotted}: {exc}") from None
+        checked[dotted] = value
+    return checked
+
+
+def _drop_unknown_keys(
+    data: Mapping[str, Any],
+    cls: type | None,
+    *,
+    source: str,
+    prefix: str,
+    options: Mapping[str, ConfigOption],
+    plugin_values: dict[str, Any],
+    explicit: set[str],
+) -> dict[str, Any]:
+    """Warn about (and drop) keys neither the model nor a plugin knows, recursing into known
+    tables; plugin keys go to `plugin_values`, every key seen to `explicit`. `cls` is ``None``
+    for a table only plugins define."""
+    fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")} if cls else {}
     kept: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         field = fields.get(key)
         if field is None:
-            log.warning("%s: unknown configuration key %s (ignored)", source, dotted)
+            if dotted in options:
+                plugin_values[dotted] = value
+                explicit.add(dotted)
+            elif isinstance(value, Mapping) and any(o.startswith(dotted + ".") for o in options):
+                _drop_unknown_keys(value, None, source=source, prefix=f"{dotted}.", options=options,
+                                   plugin_values=plugin_values, explicit=explicit)  # fmt: skip
+            else:
+                log.warning("%s: unknown configuration key %s (ignored)", source, dotted)
             continue
+        explicit.add(dotted)
         if isinstance(field.type, type) and attrs.has(field.type):
             if not isinstance(value, Mapping):
                 raise ConfigError(
                     f"{source}: {dotted}: expected a table ([{dotted}]), got {_toml_type(value)}"
                 )
-            kept[key] = _drop_unknown_keys(value, field.type, source=source, prefix=f"{dotted}.")
+            kept[key] = _drop_unknown_keys(value, field.type, source=source, prefix=f"{dotted}.",
+                                           options=options, plugin_values=plugin_values,
+                                           explicit=explicit)  # fmt: skip
         else:
             kept[key] = value
     return kept
@@ -507,15 +578,28 @@ def _check_cross_field(config: SnapshotterConfig, source: str) -> None:
 
 
 def with_overrides(
-    config: SnapshotterConfig, overrides: Mapping[str, Any], *, source: str = "command line"
+    config: SnapshotterConfig,
+    overrides: Mapping[str, Any],
+    *,
+    source: str = "command line",
+    options: Iterable[ConfigOption] = (),
 ) -> SnapshotterConfig:
     """A copy of `config` with dotted keys replaced (``{"daemon.fs_driver": "fscache"}``).
 
     Used for command-line flags, which win over the file. Values are checked exactly like the
-    file's; a bad one raises `ConfigError` naming `source` and the key. `config` is unchanged.
+    file's; a bad one raises `ConfigError` naming `source` and the key. `config` is unchanged;
+    its plugin options and the keys it had set carry over (`options` are the plugin keys that
+    may be overridden too).
     """
     data = _converter.unstructure(config)
+    for internal in ("plugin_options", "explicit"):
+        data.pop(internal, None)
+    by_key = {o.dotted: o for o in options}
+    plugin_values: dict[str, Any] = {}
     for dotted, value in overrides.items():
+        if dotted in by_key:
+            plugin_values[dotted] = value
+            continue
         table = data
         *parents, leaf = dotted.split(".")
         for part in parents:
@@ -525,4 +609,7 @@ def with_overrides(
         if leaf not in table:
             raise ConfigError(f"{source}: {dotted}: no such configuration key")
         table[leaf] = str(value) if isinstance(value, Path) else value
-    return config_from_mapping(copy.deepcopy(data), source=source)
+    result = config_from_mapping(copy.deepcopy(data), source=source)
+    result.plugin_options = {**config.plugin_options, **_check_plugin_values(plugin_values, by_key, source)}
+    result.explicit = config.explicit | frozenset(overrides)
+    return result

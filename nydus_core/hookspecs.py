@@ -1,50 +1,52 @@
 """Every hook of nydus-core, in one documented place.
 
 A plugin is any module or object with functions named like the specs below and decorated with
-`nydus_core.hookimpl`. Built-in behaviour is registered through these same hooks (see
-`nydus_core.builtin`), so a third-party plugin can replace any of it. Plugins are found through the
-entry-point group ``nydus_core.plugins`` (see `nydus_core.plugins`).
+`nydus_core.hookimpl`. Built-in behaviour is registered through these same hooks (the modules in
+`nydus_core.plugins.BUILTIN_PLUGINS`), so a third-party plugin can replace any of it. Plugins are
+found through the entry-point group ``nydus_core.plugins`` (see `nydus_core.plugins`).
 
 Three families, as the design card names them:
 
-* **image detection** - which format serves a layer lazily, and which image a container's parent
-  chain holds;
-* **mount production** - the exact `containerd.types.Mount` list for a snapshot;
-* **daemon lifecycle** - start, wait-ready, attach/detach an image, liveness, stop, recover,
-  hot upgrade.
+* **image detection** - `nydus_formats` yields the image formats (`nydus_core.records.FormatRecord`):
+  how a layer is claimed so containerd skips its download, and how the image beneath a container
+  is found as a RAFS v6 bootstrap;
+* **mount production** - `nydus_mounts` builds the exact `containerd.types.Mount` list of a
+  snapshot;
+* **daemon lifecycle** - `nydus_backends` yields the runtime backends
+  (`nydus_core.records.BackendRecord`), keyed by the ``fs_driver`` they serve; the daemon manager
+  drives each daemon only through its backend's record (start, wait ready, attach/detach,
+  liveness, stop, recover, hot upgrade).
 
-plus broadcast events and a credentials hook.
+plus `nydus_decoders` (daemon side: how a chunk of each kind of blob is decoded),
+`nydus_config_options` (the ``config.toml`` keys a plugin adds), broadcast events and a
+credentials hook.
 
 Rules every implementation follows:
 
 * hooks are synchronous (pluggy does not await coroutines); a plugin with async internals runs
   its own loop or thread and returns plain values;
-* ``firstresult`` hooks return ``None`` for "not mine", so the next plugin is asked; lifecycle
-  hooks receive the daemon record and answer only for their own ``fs_driver``;
-* an exception raised by a hook fails the gRPC call that triggered it with a clear status
-  (``Internal`` unless it is a ``nydus_core.errors`` error), it never kills the snapshotter.
+* record hooks (``nydus_backends``, ...) are called once, when the plugin manager is built: they
+  yield records and should import their heavy parts lazily (a daemon process builds a plugin
+  manager too, for its decoders);
+* ``firstresult`` hooks return ``None`` for "not mine", so the next plugin is asked;
+* an exception raised by a hook or a record's method fails the gRPC call that triggered it with a
+  clear status (``Internal`` unless it is a ``nydus_core.errors`` error), it never kills the
+  snapshotter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     from nydus_core.config import SnapshotterConfig
-    from nydus_core.control.daemons.model import DaemonRecord, Instance
-    from nydus_core.control.snapshot.model import (
-        ChainEntry,
-        ImageSource,
-        Info,
-        Layer,
-        LayerClaim,
-        Mount,
-        MountRequest,
-    )
+    from nydus_core.control.daemons.model import DaemonRecord
+    from nydus_core.control.snapshot.model import Info, Mount, MountRequest
     from nydus_core.data.remote.credentials import Credentials
+    from nydus_core.records import BackendRecord, ConfigOption, DecoderRecord, FormatRecord
 
 PROJECT = "nydus_core"
 
@@ -53,43 +55,65 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # --------------------------------------------------------------------------------------------
-# Image detection
+# Records (called once, when the plugin manager is built)
 # --------------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
-def nydus_claim_layer(layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
-    """Decide whether a layer containerd is about to unpack is served lazily instead.
+@hookspec
+def nydus_formats() -> Iterable[FormatRecord]:
+    """Yield the image formats this plugin provides (image detection).
 
-    Called during ``Prepare`` of a read-only unpack snapshot, that is one whose labels carry
-    ``containerd.io/snapshot.ref``, after the active snapshot has been created.
+    Called once per plugin when the plugin manager is built. Each `FormatRecord` names a format
+    and carries its `ImageFormat`: the snapshotter asks enabled formats, highest ``priority``
+    first, whether they claim a layer containerd is about to unpack (``claim_layer``) and which
+    image lies beneath a container (``find_image``). Two records with one name are a start-up
+    error naming both distributions.
 
-    :param layer: the layer: its key, parent, target chain ID, labels and the active snapshot's id
-        and upper directory (a plugin may write files there, e.g. a bootstrap built from an
-        eStargz TOC; they become part of the committed snapshot).
-    :param config: the snapshotter configuration.
-    :return: a `LayerClaim` to take the layer: the snapshotter commits it under the target name
-        with all labels plus the claim's and answers ``AlreadyExists`` so containerd skips the
-        download. ``None`` lets the next plugin decide; when nobody claims it containerd
-        downloads and unpacks the layer as with the overlayfs snapshotter.
+    :return: an iterable of `FormatRecord` (a generator is fine).
     """
+    return ()
 
 
-@hookspec(firstresult=True)
-def nydus_find_image(
-    key: str, chain: Sequence[ChainEntry], config: SnapshotterConfig
-) -> ImageSource | None:
-    """Find the lazily served image beneath a writable (container) or view snapshot.
+@hookspec
+def nydus_backends() -> Iterable[BackendRecord]:
+    """Yield the runtime backends this plugin provides (daemon lifecycle).
 
-    Called during ``Prepare`` and ``View`` of a snapshot whose labels do not carry
-    ``containerd.io/snapshot.ref``, and again in ``Mounts`` when the image instance is gone.
+    Called once per plugin when the plugin manager is built. A `BackendRecord` is named by the
+    ``[daemon] fs_driver`` value that selects it and carries the `Backend` object the daemon
+    manager drives, and its `Capabilities`. A configured ``fs_driver`` that no record names stops
+    start-up with the installed names and the pip extra that provides it; two records with one
+    name are a start-up error naming both distributions.
 
-    :param key: the new snapshot's key.
-    :param chain: the committed ancestors, nearest parent first, with their labels and dirs.
-    :param config: the snapshotter configuration.
-    :return: the `ImageSource` (the meta snapshot and its bootstrap) to mount through a
-        backend, or ``None`` when the chain is plain OCI (native overlay mounts).
+    :return: an iterable of `BackendRecord`.
     """
+    return ()
+
+
+@hookspec
+def nydus_decoders() -> Iterable[DecoderRecord]:
+    """Yield the blob decoders this plugin provides (daemon side).
+
+    Called once when a daemon program (``nydusd-py``) builds its plugin manager: for every blob
+    of a bootstrap the accepting decoder with the highest ``priority`` turns the stored bytes of
+    a chunk into its data (native nydus chunk, eStargz gzip member, zran, raw tar range).
+
+    :return: an iterable of `DecoderRecord`.
+    """
+    return ()
+
+
+@hookspec
+def nydus_config_options() -> Iterable[ConfigOption]:
+    """Yield the ``config.toml`` keys this plugin adds.
+
+    Called once when the plugin manager is built, before the configuration is read: a key a
+    plugin registers is parsed and type-checked like the core's (a wrong type stops start-up
+    naming the file and the dotted key) instead of being warned about as unknown. Upstream's keys
+    are the core's; register only your extensions.
+
+    :return: an iterable of `ConfigOption`.
+    """
+    return ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,146 +132,11 @@ def nydus_mounts(request: MountRequest, config: SnapshotterConfig) -> list[Mount
     ``fuse.nydus-overlayfs``.
 
     :param request: the snapshot: id, key, kind, upper/work dirs, parent dirs nearest first,
-        labels, and the image mountpoint when a backend serves the chain.
+        labels; when a backend serves the chain also the image, its mountpoint and its
+        `Instance` (``fs_driver`` names the backend, ``backend_data`` holds what the backend
+        recorded for it, as an EROFS or Kata mount needs).
     :param config: the snapshotter configuration.
     :return: the mounts in order, or ``None`` to let the next producer decide.
-    """
-
-
-# --------------------------------------------------------------------------------------------
-# Daemon lifecycle
-# --------------------------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_start(
-    daemon: DaemonRecord, instance: Instance | None, config: SnapshotterConfig
-) -> int | None:
-    """Start the process of a daemon.
-
-    Called when an image needs a dedicated daemon, when the shared daemon is first needed, and to
-    respawn a dead daemon (policy ``restart``) or a replacement (``failover``, hot upgrade).
-
-    :param daemon: the record: id, fs driver, mode, API socket, mountpoint, config and log dirs,
-        program to run (``--nydusd-path``).
-    :param instance: the image to serve for a dedicated daemon, ``None`` for a shared one.
-    :param config: the snapshotter configuration.
-    :return: the pid of the started process, or ``None`` if this plugin does not handle the
-        daemon's ``fs_driver``.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_wait_ready(daemon: DaemonRecord, timeout: float) -> bool | None:
-    """Block until a started daemon serves (upstream: ``GET /api/v1/daemon`` says ``RUNNING``).
-
-    Called after `nydus_daemon_start` and after every attach, before mounts are returned to
-    containerd (which reads the root filesystem at once).
-
-    :param daemon: the daemon record.
-    :param timeout: seconds to wait at most.
-    :return: ``True`` when ready, ``False`` when it did not get ready in time (the caller turns
-        that into an error naming the daemon), ``None`` if not this plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_instance_attach(daemon: DaemonRecord, instance: Instance) -> bool | None:
-    """Mount one image in a running daemon (shared mode: ``POST /api/v1/mount``).
-
-    Called after the daemon is ready, for every image a shared daemon must serve, and again for
-    each instance (in ``seq`` order) when a shared daemon was respawned.
-
-    :return: ``True`` once the image is mounted at ``instance.mountpoint``; ``None`` if not this
-        plugin's daemon. Failure is an exception.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_instance_detach(daemon: DaemonRecord, instance: Instance) -> bool | None:
-    """Unmount one image from a daemon (shared mode: ``DELETE /api/v1/mount``).
-
-    Called when the last snapshot using the image is removed (from ``Cleanup``).
-
-    :return: ``True`` when done, ``None`` if not this plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_alive(daemon: DaemonRecord) -> bool | None:
-    """Probe whether a daemon is alive and serving.
-
-    Called when the snapshotter starts (to sort recorded daemons into live and dead) and by the
-    liveness monitor.
-
-    :return: ``True``/``False``, or ``None`` if not this plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_reconcile(daemon: DaemonRecord) -> bool | None:
-    """Make a recorded daemon's ``pid`` name the process that really serves it, at start-up.
-
-    Called once per recorded daemon when the snapshotter starts, before `nydus_daemon_alive`. A
-    snapshotter killed in the middle of a recovery (failover or restart) leaves a replacement
-    process that was spawned but never recorded: the implementation finds the daemon's processes
-    (the default: by the API socket on their command line), sets ``daemon.pid`` to the one that
-    serves or will serve (the one bound to the API socket, else the newest), and stops the others,
-    so that no orphan survives. `nydus_daemon_recover` then drives an adopted replacement on
-    (takeover, start) instead of spawning another one.
-
-    :param daemon: the record as persisted; ``pid`` may be changed in place.
-    :return: ``True`` when ``daemon.pid`` changed (the manager persists it), ``False`` when it
-        already named the right process or none was found, ``None`` if not this plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_stop(daemon: DaemonRecord) -> bool | None:
-    """Stop a daemon and unmount what it serves.
-
-    Called when its last instance is gone (dedicated mode), never on snapshotter exit: running
-    containers must survive a snapshotter restart.
-
-    :return: ``True`` when stopped, ``None`` if not this plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_recover(
-    daemon: DaemonRecord, instances: Sequence[Instance], config: SnapshotterConfig
-) -> bool | None:
-    """Bring a recorded daemon back after a snapshotter restart or the daemon's death.
-
-    Called for every recorded daemon that `nydus_daemon_alive` reports dead, with the recorded
-    instances it served, according to ``[daemon] recover_policy``. The default respawns it
-    (`nydus_daemon_start`) after clearing stale mounts and sockets and re-attaches instances.
-
-    :return: ``True`` when it serves again, ``False`` when it was given up, ``None`` if not this
-        plugin's daemon.
-    """
-
-
-@hookspec(firstresult=True)
-def nydus_daemon_upgrade(
-    daemon: DaemonRecord, instances: Sequence[Instance], program: str, version: str, config: SnapshotterConfig
-) -> bool | None:
-    """Hand a running daemon's mount over to another daemon program without unmounting (hot upgrade).
-
-    Called by the daemon manager for every daemon, one at a time, on the system controller's
-    ``PUT /api/v1/daemons/upgrade``; only under ``recover_policy = "failover"`` (a supervisor holds
-    the session). No liveness recovery, attach or release runs on the daemon meanwhile.
-
-    :param daemon: the running daemon; on success the implementation updates it in place (pid,
-        API socket, program, version) and the manager persists it.
-    :param instances: the images it serves, in ``seq`` order.
-    :param program: path of the new daemon program (checked to be an executable file).
-    :param version: the version the caller expects the new program to report (empty: any); a
-        mismatch must fail before the old daemon is touched.
-    :param config: the snapshotter configuration.
-    :return: ``True`` when the new program serves, ``None`` if not this plugin's daemon. Failure is
-        an exception whose message says which program serves the daemon afterwards: an
-        implementation must leave a daemon serving (the old one, or the old program again).
     """
 
 

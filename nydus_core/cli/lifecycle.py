@@ -20,11 +20,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
 from nydus_core.config import SnapshotterConfig
 from nydus_core.control.snapshot.server import RunningServer, serve
 from nydus_core.control.snapshot.snapshotter import Snapshotter
+from nydus_core.plugins import NydusPluginManager
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class RunningSnapshotter:
     def __init__(
         self,
         config: SnapshotterConfig,
-        pm: pluggy.PluginManager,
+        pm: NydusPluginManager,
         snapshotter: Snapshotter,
         server: RunningServer,
         images: Any,
@@ -61,7 +60,7 @@ class RunningSnapshotter:
     def start(
         cls,
         config: SnapshotterConfig,
-        pm: pluggy.PluginManager,
+        pm: NydusPluginManager,
         *,
         images: Any = AUTO,
         log_rpcs: bool = True,
@@ -107,7 +106,7 @@ class RunningSnapshotter:
             else:
                 log.warning("this daemon manager has no liveness monitor: dead daemons are found at restart")
         try:
-            pm.hook.nydus_snapshotter_started(root=str(config.root), config=config)
+            pm.typed.snapshotter_started(root=str(config.root), config=config)
         except Exception:
             # An event listener's bug must not take the socket away from containerd.
             log.exception("a nydus_snapshotter_started hook failed")
@@ -121,7 +120,7 @@ class RunningSnapshotter:
         self.server.stop(STOP_GRACE)
         log.info("stopped serving %s", self.address)
         try:
-            self.pm.hook.nydus_snapshotter_stopping(root=str(self.config.root))
+            self.pm.typed.snapshotter_stopping(root=str(self.config.root))
         except Exception:
             log.exception("a nydus_snapshotter_stopping hook failed")
         self.snapshotter.close()
@@ -147,7 +146,7 @@ def refuse_live_socket(address: Path) -> None:
     raise StartupError(f"cannot listen on {address}: another process is serving on it")
 
 
-def open_image_service(config: SnapshotterConfig, pm: pluggy.PluginManager) -> Any:
+def open_image_service(config: SnapshotterConfig, pm: NydusPluginManager) -> Any:
     """The daemon manager, recovered; ``None`` when this build has none."""
     try:
         from nydus_core.control.daemons.manager import DaemonManager
@@ -156,6 +155,7 @@ def open_image_service(config: SnapshotterConfig, pm: pluggy.PluginManager) -> A
         return None
     manager = DaemonManager(config, pm)
     try:
+        manager.check_configuration()
         manager.recover()
     except BaseException:
         manager.close()

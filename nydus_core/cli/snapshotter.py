@@ -3,10 +3,13 @@
 Flag names are upstream's, so existing systemd units keep working; flags override the
 ``--config`` file. Start-up, in order:
 
-1. load and validate the configuration (a bad file is one line on stderr and exit status 1);
-2. set up logging (``<root>/logs/nydus-snapshotter.log``, ``0640``, or stdout);
-3. build the plugin manager (built-ins, then ``nydus_core.plugins`` entry points);
-4. open the daemon manager and recover the daemons recorded by a previous run;
+1. build the plugin manager (built-ins, then ``nydus_core.plugins`` entry points) and its
+   registry of records (two plugins providing one backend stop start-up here);
+2. load and validate the configuration, with the keys plugins registered (a bad file is one
+   line on stderr and exit status 1);
+3. set up logging (``<root>/logs/nydus-snapshotter.log``, ``0640``, or stdout);
+4. open the daemon manager: check the configured backend is installed and can serve the
+   configured mode, recover the daemons recorded by a previous run;
 5. open the metastore (`Snapshotter`) and listen on the socket (``0660``);
 6. fire `nydus_snapshotter_started`;
 7. start the system controller API (``[system] enable``, socket ``[system] address``, ``0600``).
@@ -30,8 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
 import nydus_core
 from nydus_core.cli.lifecycle import StartupError
 from nydus_core.cli.logsetup import BufferedRecords, setup_logging
@@ -45,7 +46,7 @@ from nydus_core.config import (
     with_overrides,
 )
 from nydus_core.errors import ConfigError
-from nydus_core.plugins import NydusPluginManager, build_plugin_manager, list_plugins
+from nydus_core.plugins import NydusPluginManager, PluginConflict, build_plugin_manager, list_plugins, listing
 
 log = logging.getLogger("nydus_core.cli.snapshotter")
 
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nydus-overlayfs-path", help="nydus-overlayfs mount helper path or name")
     p.add_argument("--daemon-mode", choices=DAEMON_MODES)
-    p.add_argument("--fs-driver", choices=FS_DRIVERS)
+    p.add_argument("--fs-driver", metavar="NAME",
+                   help=f"backend serving lazily pulled images (upstream's: {', '.join(FS_DRIVERS)}; "
+                        "see --list-plugins for the installed ones)")  # fmt: skip
     p.add_argument("--recover-policy", choices=RECOVER_POLICIES)
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument(
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-dir", type=Path, help="log directory (default <root>/logs)")
     p.add_argument("--version", action="store_true", help="print version, Python and plugins, then exit")
+    p.add_argument("--list-plugins", action="store_true",
+                   help="print one line per installed plugin record (kind, name, distribution, version) "
+                        "and the plugins the allow/deny list keeps out, then exit")  # fmt: skip
     return p
 
 
@@ -107,7 +113,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def version_text(pm: pluggy.PluginManager) -> str:
+def version_text(pm: NydusPluginManager) -> str:
     """What ``--version`` prints: our version, the Python running us, and the plugins it loads."""
     lines = [
         f"{PROG} (nydus-core) {nydus_core.__version__}",
@@ -125,22 +131,30 @@ def version_text(pm: pluggy.PluginManager) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``containerd-nydus-grpc``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.version:
-        with BufferedRecords():  # plugin load errors are listed in the output instead
-            pm = build_plugin_manager()
-        print(version_text(pm))
+    if args.version or args.list_plugins:
+        try:
+            with BufferedRecords():  # plugin load errors are listed in the output instead
+                pm = build_plugin_manager()
+        except PluginConflict as exc:
+            return _fail(f"plugin conflict: {exc}")
+        print(version_text(pm) if args.version else "\n".join(listing(pm)))
         return 0
 
     buffered = BufferedRecords()
     try:
         with buffered:
-            config = load_config(args.config)
+            pm = build_plugin_manager()
+            options = pm.registry.config_options()
+            config = load_config(args.config, options)
             overrides = overrides_from(args)
             if overrides:
-                config = with_overrides(config, overrides, source="command line")
+                config = with_overrides(config, overrides, source="command line", options=options)
         # The root first, private like containerd's own snapshotter roots; logs live below it.
         config.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         setup_logging(config.log, config.log_dir)
+    except PluginConflict as exc:
+        _replay_to_stderr(buffered)
+        return _fail(f"plugin conflict: {exc}")
     except ConfigError as exc:
         _replay_to_stderr(buffered)
         return _fail(f"invalid configuration: {exc}")
@@ -149,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     buffered.replay()
 
     try:
-        return run(config, args.config)
+        return run(config, args.config, pm)
     except StartupError as exc:
         log.error("start-up failed: %s", exc)
         return _fail(str(exc))
@@ -161,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"start-up failed: {type(exc).__name__}: {exc}")
 
 
-def run(config: SnapshotterConfig, config_path: Path | None) -> int:
+def run(config: SnapshotterConfig, config_path: Path | None, pm: NydusPluginManager | None = None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status."""
     stop = threading.Event()
     received: list[str] = []
@@ -172,14 +186,18 @@ def run(config: SnapshotterConfig, config_path: Path | None) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _serve_until(stop, received, config, config_path)
+        return _serve_until(stop, received, config, config_path, pm or build_plugin_manager())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def _serve_until(
-    stop: threading.Event, received: list[str], config: SnapshotterConfig, config_path: Path | None
+    stop: threading.Event,
+    received: list[str],
+    config: SnapshotterConfig,
+    config_path: Path | None,
+    pm: NydusPluginManager,
 ) -> int:
     from nydus_core.cli.lifecycle import RunningSnapshotter
 
@@ -203,11 +221,11 @@ def _serve_until(
         config.daemon.recover_policy,
     )
 
-    pm = build_plugin_manager()
     infos = list_plugins(pm)
     log.info("plugins loaded: %s", ", ".join(i.describe() for i in infos) or "none")
     for failed in pm.failed:
         log.error("plugin not loaded: %s", failed.error)
+    log.info("backends installed: %s", ", ".join(sorted(pm.registry.backends)) or "none")
 
     running = RunningSnapshotter.start(config, pm, liveness_interval=LIVENESS_INTERVAL)
     controller = _start_system_controller(config, running.images)

@@ -15,7 +15,8 @@ Installed with nydus-core, so any test session gets these fixtures without a con
   same root restarts the snapshotter (recovery tests). Daemon liveness sweeps are off unless
   ``liveness_interval=`` is given (the console script sweeps every 5 s). At teardown the
   servers are stopped, and the daemons they left running (which a real stop keeps alive on
-  purpose) are stopped through `nydus_daemon_stop`.
+  purpose) are stopped through their backend (`Backend.stop`), then `Backend.purge` ends what the
+  backends keep beside them.
 
 Fixtures for real services (docker-registry, containerd, test images) live in
 `nydus_core.testing.services`. A ten-line example is in ``docs/hooks.md``.
@@ -183,24 +184,32 @@ def snapshotter(
     for daemon, pm in daemons.values():
         _stop_daemon(daemon, pm)
     for root in {c.running.config.root for c in started}:
-        _stop_session_holder(Path(root))
+        for client in started:
+            if client.running.config.root == root:
+                _purge(Path(root), client.pm)
+                break
 
 
-def _stop_session_holder(root: Path) -> None:
-    """Under ``failover`` the snapshotter started a session holder that outlives it on purpose;
-    a test's daemons are gone now, so it goes too (nothing answers: nothing to do)."""
-    from nydus_core.control.daemons.holder_client import SessionHolder
+def _purge(root: Path, pm: NydusPluginManager) -> None:
+    """What backends keep running for the root besides daemons (the fusedev session holder,
+    which outlives the snapshotter on purpose) goes now that the test's daemons are gone."""
+    for name, registered in pm.registry.backends.items():
+        try:
+            registered.record.backend.purge(root)
+        except Exception:
+            log.exception("purge of backend %s failed", name)
 
-    SessionHolder(root).shutdown(force=True)
 
-
-def _stop_daemon(daemon: Any, pm: Any) -> None:
+def _stop_daemon(daemon: Any, pm: NydusPluginManager) -> None:
     """Stop a daemon a test left running: through its backend, else by its recorded pid."""
+    name = getattr(daemon, "fs_driver", "")
+    record = pm.registry.backend(name)
     try:
-        if pm.hook.nydus_daemon_stop(daemon=daemon):
+        if record is not None:
+            record.backend.stop(daemon)
             return
     except Exception:
-        log.exception("nydus_daemon_stop failed for daemon %s", getattr(daemon, "id", "?"))
+        log.exception("stopping daemon %s through backend %s failed", getattr(daemon, "id", "?"), name)
     pid = int(getattr(daemon, "pid", 0) or 0)
     if pid > 0:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -540,6 +540,17 @@ class Containerd:
         unmount_below(self.workdir)
 
 
+def purge_backends(root: Path) -> None:
+    """`Backend.purge` of every installed backend for `root` (errors are printed, not raised)."""
+    from nydus_core.plugins import build_plugin_manager
+
+    for name, registered in build_plugin_manager().registry.backends.items():
+        try:
+            registered.record.backend.purge(Path(root))
+        except Exception as e:  # teardown must go on
+            print(f"purge of backend {name} for {root} failed: {e}", file=sys.stderr)
+
+
 def snapshotter_executable() -> str:
     """Locate ``containerd-nydus-grpc``: $NYDUS_SNAPSHOTTER_BIN, next to this Python, then PATH."""
     override = os.environ.get("NYDUS_SNAPSHOTTER_BIN")
@@ -643,25 +654,11 @@ class NydusSnapshotter:
         if self._proc is not None:
             self._proc.kill9()
 
-    def stop_session_holder(self, timeout: float = 10.0) -> None:
-        """End this root's failover session holder, if one runs.
-
-        Under ``recover_policy = "failover"`` the holder outlives the snapshotter on purpose (a
-        restart finds it again), so whoever tears a stack down must end it: after the daemons,
-        since it drops the FUSE sessions it holds. SIGKILL if it does not go within `timeout`."""
-        from nydus_core.control.daemons.holder_client import SessionHolder
-
-        holder = SessionHolder(self.root)
-        pid = holder.pid()
-        if pid is None:
-            return
-        holder.shutdown(force=True)
-        deadline = time.monotonic() + timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, signal.SIGKILL)
+    def purge(self) -> None:
+        """End what the installed backends keep running for this root besides their daemons
+        (`Backend.purge`: the fusedev session holder, which outlives the snapshotter on purpose).
+        For teardown, after the snapshotter and its daemons."""
+        purge_backends(self.root)
 
     def restart(self) -> None:
         """Stop if running (gracefully), then start again with the same root and socket."""
@@ -753,7 +750,7 @@ class ServiceStack:
         if self.containerd is not None:
             steps.append(self.containerd.stop)
         if self.snapshotter is not None:
-            steps += [self.snapshotter.stop, self.snapshotter.stop_session_holder]
+            steps += [self.snapshotter.stop, self.snapshotter.purge]
         if self.registry is not None:
             steps.append(self.registry.stop)
         for step in steps:

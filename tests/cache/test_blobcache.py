@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from nydusd_helpers import Image, build_image, flip_byte
 
 from nydus_core.data.cache.blobcache import BlobCache, ChunkCorrupt
 from nydus_core.data.cache.chunk_map import ChunkMap
 from nydus_core.data.cache.source import LocalFsSource, RegistrySource
 from nydus_core.data.rafs.bootstrap import Bootstrap, ChunkInfo
+from nydus_core.testing.images import Image, build_image, flip_byte
 
 CS = 64 * 1024
 

@@ -125,7 +125,25 @@ def test_version() -> None:
     assert lines[0] == f"containerd-nydus-grpc (nydus-core) {nydus_core.__version__}"
     assert lines[1].startswith(f"Python {sys.version.split()[0]} ")
     assert "Plugins:" in lines
-    assert "  nydus_core.control.snapshot.overlay_mounts (builtin)" in lines
+    version = nydus_core.__version__
+    assert f"  nydus_core.control.snapshot.overlay_mounts (builtin, nydus-core {version})" in lines
+
+
+def test_list_plugins() -> None:
+    env = {**os.environ, "NYDUS_CORE_PLUGINS_DENY": "overlay_mounts"}
+    out = subprocess.run([snapshotter_executable(), "--list-plugins"], capture_output=True, text=True,
+                         timeout=60, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "DETAILS"]
+    rows = [line.split(None, 4) for line in lines[1:] if not line.startswith("config")]
+    by_name = {row[1]: row for row in rows}
+    version = nydus_core.__version__
+    assert by_name["nydus"][:4] == ["format", "nydus", "nydus-core", version]
+    assert by_name["nydus-native"][:4] == ["decoder", "nydus-native", "nydus-core", version]
+    assert by_name["nydus_core.control.credentials.labels"][0] == "other"
+    denied = by_name["nydus_core.control.snapshot.overlay_mounts"]
+    assert denied[0] == "denied" and "NYDUS_CORE_PLUGINS_DENY" in denied[4]
 
 
 def test_socket_and_log_file(workdir: Path, procs: list[Snapshotter]) -> None:
@@ -147,7 +165,7 @@ def test_socket_and_log_file(workdir: Path, procs: list[Snapshotter]) -> None:
     text = log.read_text()
     assert f"configuration file: {config}" in text
     assert f"root {root}, address {sock}" in text
-    assert "plugins loaded: nydus_core.control.snapshot.overlay_mounts (builtin)" in text
+    assert "plugins loaded: nydus_core.control.snapshot.overlay_mounts (builtin, nydus-core " in text
     assert " ready" in text
     assert p.stdout() == ""  # everything went to the file
     # RPCs are logged at debug level only
@@ -187,7 +205,7 @@ def test_log_to_stdout(workdir: Path, procs: list[Snapshotter]) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "needle"),
     [
-        ('version = 1\n[daemon]\nfs_driver = "foo"\n', "daemon.fs_driver", "'foo' is not one of"),
+        ('version = 1\n[daemon]\nfs_driver = "Foo!"\n', "daemon.fs_driver", "'Foo!' is not a backend name"),
         ("version = 1\n[daemon]\nthreads_number = 4096\n", "daemon.threads_number", "out of range"),
         ('root = "/tmp/x"\n', "version", "missing"),
         ('version = 1\nroot = "/tmp/' + "x" * 70 + '"\n', "root", "at most 70"),
@@ -233,10 +251,29 @@ def test_bad_flag_value_is_refused(workdir: Path) -> None:
         "containerd-nydus-grpc: error: invalid configuration: command line: root:"
     )
     out = subprocess.run(
-        [snapshotter_executable(), "--fs-driver", "zfs"], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 2  # argparse: not one of the choices
-    assert "invalid choice: 'zfs'" in out.stderr
+        [snapshotter_executable(), "--fs-driver", "zfs/1", "--root", str(workdir / "r")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "command line: daemon.fs_driver: 'zfs/1' is not a backend name" in out.stderr
+
+
+@pytest.mark.parametrize(("driver", "hint"), [("fscache", "pip install 'nydus-core[erofs]'"),
+                                              ("zfs", "install the plugin distribution that provides it")])
+def test_configured_backend_not_installed(workdir: Path, driver: str, hint: str) -> None:
+    """An fs_driver the user configured that no installed plugin provides stops start-up, saying
+    what is installed and what to install; the socket is never created."""
+    sock = workdir / "s.sock"
+    out = subprocess.run(
+        [snapshotter_executable(), "--fs-driver", driver, "--root", str(workdir / "r"),
+         "--address", str(sock)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"containerd-nydus-grpc: error: invalid configuration: fs_driver {driver!r}")
+    assert "installed backends: " in line and hint in line
+    assert not sock.exists()
 
 
 def test_unknown_key_warning_in_log(workdir: Path, procs: list[Snapshotter]) -> None:
@@ -258,13 +295,13 @@ def test_flags_override_the_file(workdir: Path, procs: list[Snapshotter]) -> Non
     config = write_config(
         workdir,
         f'version = 1\nroot = "{file_root}"\naddress = "{file_sock}"\ndaemon_mode = "shared"\n'
-        f'[daemon]\nfs_driver = "fusedev"\nrecover_policy = "restart"\n'
+        f'[daemon]\nfs_driver = "fscache"\nrecover_policy = "restart"\n'
         f'[log]\nlevel = "debug"\ndir = "{workdir / "file-logs"}"\n',
     )
     p = run(
         workdir, procs,
         "--config", str(config), "--root", str(flag_root), "--address", str(flag_sock),
-        "--daemon-mode", "multiple", "--fs-driver", "nodev", "--recover-policy", "none",
+        "--daemon-mode", "multiple", "--fs-driver", "fusedev", "--recover-policy", "none",
         "--log-dir", str(workdir / "flag-logs"), "--log-level", "info",
     )  # fmt: skip
     p.wait_socket(flag_sock)
@@ -273,10 +310,8 @@ def test_flags_override_the_file(workdir: Path, procs: list[Snapshotter]) -> Non
     assert not file_root.exists()
     text = (workdir / "flag-logs" / "nydus-snapshotter.log").read_text()
     assert not (workdir / "file-logs").exists()
-    assert (
-        f"root {flag_root}, address {flag_sock}, daemon_mode dedicated, fs_driver nodev, recover_policy none"
-        in text
-    )
+    assert f"root {flag_root}, address {flag_sock}, daemon_mode dedicated, fs_driver fusedev, " in text
+    assert "fs_driver fusedev, recover_policy none" in text
     assert " DEBUG " not in text  # --log-level info won over the file's debug
 
 

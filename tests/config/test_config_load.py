@@ -15,6 +15,7 @@ from nydus_core.config import (
     with_overrides,
 )
 from nydus_core.errors import ConfigError
+from nydus_core.records import ConfigOption
 
 # The sample config.toml shipped by upstream (misc/snapshotter/config.toml), trimmed of comments.
 UPSTREAM_SAMPLE = """
@@ -154,7 +155,7 @@ def test_version_is_mandatory(tmp_path: Path, text: str, needle: str) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "needle"),
     [
-        ('[daemon]\nfs_driver = "foo"', "daemon.fs_driver", "'foo' is not one of"),
+        ('[daemon]\nfs_driver = "Fuse Dev"', "daemon.fs_driver", "'Fuse Dev' is not a backend name"),
         ('[daemon]\nrecover_policy = "sometimes"', "daemon.recover_policy", "not one of"),
         ('[daemon]\nfailover_policy = "x"', "daemon.failover_policy", "not one of"),
         ('daemon_mode = "single"', "daemon_mode", "not one of"),
@@ -232,12 +233,54 @@ def test_explicit_false_is_honoured(tmp_path: Path) -> None:
     assert config.system.enable is False
 
 
-def test_failover_standby_is_our_extension_and_off_by_default(tmp_path: Path) -> None:
-    assert load_text(tmp_path, "version = 1\n").daemon.failover_standby is False
-    text = 'version = 1\n[daemon]\nrecover_policy = "failover"\nfailover_standby = true\n'
-    assert load_text(tmp_path, text).daemon.failover_standby is True
-    bad = "version = 1\n[daemon]\nfailover_standby = \"yes\"\n"
-    assert "daemon.failover_standby" in error_of(tmp_path, bad)
+PLUGIN_OPTIONS = [
+    ConfigOption("daemon", "warm_spare", bool, False, "a plugin's key in an upstream table"),
+    ConfigOption("myplugin", "threads", int, 4, "a table of the plugin's own",
+                 validator=lambda v: None if v > 0 else (_ for _ in ()).throw(ValueError("must be > 0"))),
+    ConfigOption("myplugin", "ratio", float, 0.5),
+]
+
+
+def test_plugin_options_are_parsed_and_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plain = load_config(write(tmp_path, "version = 1\n"), PLUGIN_OPTIONS)
+    assert [o.get(plain) for o in PLUGIN_OPTIONS] == [False, 4, 0.5]
+    text = "version = 1\n[daemon]\nwarm_spare = true\n[myplugin]\nthreads = 8\nratio = 2\nextra = 1\n"
+    with caplog.at_level(logging.WARNING):
+        config = load_config(write(tmp_path, text), PLUGIN_OPTIONS)
+    assert [o.get(config) for o in PLUGIN_OPTIONS] == [True, 8, 2.0]
+    assert config.is_set("daemon.warm_spare") and not config.is_set("daemon.fs_driver")
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("unknown configuration key myplugin.extra" in m for m in warned)
+    assert not any("warm_spare" in m or "myplugin.threads" in m for m in warned)
+    # without the plugin installed its keys are unknown: warned about, never fatal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_config(write(tmp_path, text))
+    assert any("unknown configuration key daemon.warm_spare" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[daemon]\nwarm_spare = "yes"', "daemon.warm_spare: expected true or false"),
+        ("[myplugin]\nthreads = true", "myplugin.threads: expected an integer"),
+        ("[myplugin]\nthreads = 0", "myplugin.threads: must be > 0"),
+    ],
+)
+def test_bad_plugin_option_names_key_and_file(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "version = 1\n" + text + "\n"), PLUGIN_OPTIONS)
+    assert needle in str(info.value) and str(tmp_path / "config.toml") in str(info.value)
+
+
+def test_overrides_keep_plugin_options_and_what_was_set(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "version = 1\n[daemon]\nwarm_spare = true\n"), PLUGIN_OPTIONS)
+    flags = {"daemon.fs_driver": "mine", "myplugin.threads": 2}
+    flagged = with_overrides(config, flags, options=PLUGIN_OPTIONS)
+    assert flagged.daemon.fs_driver == "mine" and flagged.plugin_options == {
+        "daemon.warm_spare": True, "myplugin.threads": 2}
+    assert flagged.is_set("daemon.fs_driver") and flagged.is_set("daemon.warm_spare")
+    assert not flagged.is_set("daemon.recover_policy")
 
 
 def test_paths_become_paths(tmp_path: Path) -> None:
@@ -287,8 +330,8 @@ def test_overrides_win_over_file(tmp_path: Path) -> None:
 
 
 def test_overrides_are_validated() -> None:
-    with pytest.raises(ConfigError, match=r"^command line: daemon.fs_driver: 'zfs' is not one of"):
-        with_overrides(SnapshotterConfig(), {"daemon.fs_driver": "zfs"})
+    with pytest.raises(ConfigError, match=r"^command line: daemon.fs_driver: 'zfs/x' is not a backend name"):
+        with_overrides(SnapshotterConfig(), {"daemon.fs_driver": "zfs/x"})
     with pytest.raises(ConfigError, match=r"^--root: root: .* at most 70"):
         with_overrides(SnapshotterConfig(), {"root": "/" + "x" * 80}, source="--root")
     with pytest.raises(ConfigError, match="no such configuration key"):

@@ -1,4 +1,5 @@
-"""Fixtures for daemon-manager tests: a short throw-away root, the mini nydusd, images, events.
+"""Fixtures for daemon-manager tests: a short throw-away root, the ``mini`` backend running the
+mini nydusd, images, events.
 
 Every process a test starts is found again by its command line (it names the test root) and
 killed at teardown, and every mount under the root is unmounted, so a failing test leaves no
@@ -19,15 +20,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import pluggy
 import pytest
-from daemon_helpers import EventRecorder, pid_alive, pids_mentioning
+from daemon_helpers import MINI, EventRecorder, MiniBackend, pid_alive, pids_mentioning
 
 from nydus_core import labels as L
 from nydus_core.config import DaemonConfig, SnapshotterConfig
 from nydus_core.control.daemons.mounts import umount_tree
+from nydus_core.control.daemons.nydusd import NydusdBackend
 from nydus_core.control.snapshot.model import ImageSource
-from nydus_core.plugins import build_plugin_manager
+from nydus_core.plugins import NydusPluginManager, build_plugin_manager
 
 MINI_NYDUSD = Path(__file__).with_name("mini_nydusd.py")
 
@@ -62,7 +63,7 @@ def nydusd_program(root: Path) -> Path:
 @pytest.fixture
 def make_config(root: Path, nydusd_program: Path) -> Callable[..., SnapshotterConfig]:
     def make(
-        daemon_mode: str = "dedicated", recover_policy: str = "restart", fs_driver: str = "fusedev"
+        daemon_mode: str = "dedicated", recover_policy: str = "restart", fs_driver: str = MINI
     ) -> SnapshotterConfig:
         return SnapshotterConfig(
             root=root,
@@ -84,8 +85,19 @@ def events() -> EventRecorder:
 
 
 @pytest.fixture
-def pm(events: EventRecorder) -> pluggy.PluginManager:
-    return build_plugin_manager([events], entry_points=False, env={})
+def mini() -> MiniBackend:
+    return MiniBackend()
+
+
+@pytest.fixture
+def backend(mini: MiniBackend) -> NydusdBackend:
+    """The ``mini`` backend's object (opened by the first manager that uses it)."""
+    return mini.backend
+
+
+@pytest.fixture
+def pm(events: EventRecorder, mini: MiniBackend) -> NydusPluginManager:
+    return build_plugin_manager([events, mini], entry_points=False, env={})
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,27 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from nydus_core.control.daemons.model import DaemonRecord
+from nydus_core.control.daemons.nydusd import NydusdBackend
 from nydus_core.hookspecs import hookimpl
+from nydus_core.records import BackendRecord, Capabilities
+
+MINI = "mini"
+
+
+class MiniBackend:
+    """A plugin with one backend, ``mini``: the core's `NydusdBackend` as it is (upstream's command
+    line and API, restart on death, no failover), driving the stand-in ``mini_nydusd.py``."""
+
+    def __init__(self) -> None:
+        self.backend = NydusdBackend()
+
+    @hookimpl
+    def nydus_backends(self) -> Iterator[BackendRecord]:
+        yield BackendRecord(name=MINI, backend=self.backend, capabilities=Capabilities(shared_daemon=True))
 
 
 def pids_mentioning(text: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""The daemon manager with the default fusedev hooks, against real mini-nydusd processes and mounts."""
+"""The daemon manager and the core's `NydusdBackend` (as backend ``mini``), against real mini-nydusd
+processes and mounts."""
 
 from __future__ import annotations
 
@@ -12,20 +13,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pluggy
 import pytest
 from daemon_helpers import EventRecorder, kill9, pid_alive, pids_mentioning
 
 from nydus_core import labels as L
-from nydus_core.builtin import nydusd as nydusd_hooks
 from nydus_core.config import SnapshotterConfig
 from nydus_core.control.daemons.client import NydusdClient
 from nydus_core.control.daemons.manager import DaemonManager, NoBackendError
 from nydus_core.control.daemons.model import DaemonMode, DaemonRecord
 from nydus_core.control.daemons.mounts import is_mounted
+from nydus_core.control.daemons.nydusd import NydusdBackend
 from nydus_core.control.daemons.store import DaemonStore
 from nydus_core.control.snapshot.model import ImageSource
 from nydus_core.errors import Unavailable
+from nydus_core.plugins import NydusPluginManager
 
 MakeConfig = Callable[..., SnapshotterConfig]
 MakeImage = Callable[..., ImageSource]
@@ -50,8 +51,8 @@ def wait_gone(pid: int, timeout: float = 5) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_nydus_daemon_start(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_start(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
     image = make_image("7", {"etc/os-release": "mini\n"})
@@ -74,7 +75,6 @@ def test_nydus_daemon_start(
         "--log-level", "info",
         "--log-rotation-size", "100",
         "--log-file", str(root / "logs" / daemon.id / "nydusd.log"),
-        "--failover-policy", "resend",
     ]  # fmt: skip
     # its own session: a signal to the snapshotter's process group does not reach it
     assert os.getsid(daemon.pid) == daemon.pid
@@ -89,24 +89,26 @@ def test_nydus_daemon_start(
     assert len(pids_mentioning(str(root / "socket"))) == 1
 
 
-def test_nydus_daemon_start_no_backend_plugin(
-    make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_missing_is_a_clear_error(
+    make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated", fs_driver="fscache"), pm)
+    mgr.check_configuration()  # the default driver is not configured here: no start-up error
     image = make_image("3")
     with pytest.raises(NoBackendError) as exc:
         mgr.ensure_instance(image, image.labels)
     msg = str(exc.value)
-    assert "no backend plugin handles fs_driver 'fscache'" in msg
-    assert "nydus_core.builtin.nydusd" in msg  # lists what is installed
-    assert mgr.store.list_daemons() == []
+    assert "fs_driver 'fscache' (needed for the nydus image of snapshot 3)" in msg
+    assert "installed backends: mini" in msg  # lists what is installed
+    assert "pip install 'nydus-core[erofs]'" in msg  # and what provides the missing one
+    assert mgr.store.list_daemons() == [] and mgr.get_instance("3") is None
 
 
-def test_nydus_daemon_wait_ready(
+def test_backend_wait_ready(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The daemon stays in INIT for a while: ensure_instance must return only once it is RUNNING.
@@ -123,11 +125,11 @@ def test_nydus_daemon_wait_ready(
     assert (inst.mountpoint / "hello.txt").read_text() == "image 11\n"
 
 
-def test_nydus_daemon_wait_ready_timeout_discards_daemon(
+def test_backend_wait_ready_timeout_discards_daemon(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MINI_NYDUSD_READY_DELAY", "30")
@@ -141,11 +143,11 @@ def test_nydus_daemon_wait_ready_timeout_discards_daemon(
     assert all(wait_gone(p) for p in pids)
 
 
-def test_nydus_daemon_stop(
+def test_backend_stop(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
@@ -168,8 +170,8 @@ def test_nydus_daemon_stop(
     assert mgr.store.list_daemons() == []
 
 
-def test_nydus_daemon_stop_hook_kills_with_sigkill_when_sigterm_ignored(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_stop_kills_with_sigkill_when_sigterm_ignored(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager, backend: NydusdBackend
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
     image = make_image("23")
@@ -178,7 +180,7 @@ def test_nydus_daemon_stop_hook_kills_with_sigkill_when_sigterm_ignored(
     assert daemon is not None
     os.kill(daemon.pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
     try:
-        assert pm.hook.nydus_daemon_stop(daemon=daemon) is True
+        backend.stop(daemon)
     finally:
         if pid_alive(daemon.pid):
             os.kill(daemon.pid, signal.SIGCONT)
@@ -190,7 +192,7 @@ def test_concurrent_ensure_instance_starts_one_daemon(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MINI_NYDUSD_READY_DELAY", "0.3")
@@ -214,7 +216,7 @@ def test_concurrent_ensure_instance_starts_one_daemon(
 
 
 def test_config_file_private_and_filled(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
     labels = {L.PULL_USERNAME: "alice", L.PULL_SECRET: "s3cret"}
@@ -241,7 +243,7 @@ def test_config_from_template_with_token(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     tmp_path: Path,
 ) -> None:
     template = tmp_path / "nydusd-config.json"
@@ -277,8 +279,8 @@ def test_config_from_template_with_token(
 # ---------------------------------------------------------------------------------------------
 
 
-def test_nydus_instance_attach(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_attach(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("shared"), pm)
     a, b = make_image("51", {"a.txt": "A\n"}), make_image("52", {"b.txt": "B\n"})
@@ -299,8 +301,8 @@ def test_nydus_instance_attach(
     assert len(pids_mentioning(str(root / "socket"))) == 1
 
 
-def test_nydus_instance_detach(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_detach(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager, backend: NydusdBackend
 ) -> None:
     mgr = DaemonManager(make_config("shared"), pm)
     a, b = make_image("61"), make_image("62")
@@ -316,9 +318,9 @@ def test_nydus_instance_detach(
     # the shared daemon keeps running even with no image left
     mgr.release_unused(set())
     assert not is_mounted(ia.mountpoint)
-    assert pid_alive(daemon.pid) and pm.hook.nydus_daemon_alive(daemon=daemon) is True
+    assert pid_alive(daemon.pid) and backend.alive(daemon) is True
     # detaching an image the daemon does not have is not an error
-    assert pm.hook.nydus_instance_detach(daemon=daemon, instance=ia) is True
+    backend.detach(daemon, ia)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,30 +328,27 @@ def test_nydus_instance_detach(
 # ---------------------------------------------------------------------------------------------
 
 
-def test_nydus_daemon_alive(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+def test_backend_alive(
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager, backend: NydusdBackend
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
     image = make_image("71")
     inst = mgr.ensure_instance(image, image.labels)
     daemon = mgr.daemon(inst.daemon_id)
     assert daemon is not None
-    assert pm.hook.nydus_daemon_alive(daemon=daemon) is True
+    assert backend.alive(daemon) is True
     kill9(daemon.pid)
-    assert pm.hook.nydus_daemon_alive(daemon=daemon) is False
-    # a driver nobody implements gets no answer at all
-    other = DaemonRecord(
-        id="x", fs_driver="virtiofs-xyz", mode=DaemonMode.SHARED, api_socket=root / "none.sock",
-        mountpoint=root / "m", config_dir=root / "c", log_dir=root / "l",
-    )  # fmt: skip
-    assert pm.hook.nydus_daemon_alive(daemon=other) is None
+    assert backend.alive(daemon) is False
+    # a driver nobody provides is a clear error, not a silent "not mine"
+    with pytest.raises(NoBackendError, match="fs_driver 'virtiofs-xyz'"):
+        mgr.backend("virtiofs-xyz")
 
 
 def test_daemon_survives_manager_drop_and_is_adopted(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     config = make_config("dedicated")
@@ -378,11 +377,11 @@ def test_daemon_survives_manager_drop_and_is_adopted(
     assert mgr2.ensure_instance(image, image.labels) is again
 
 
-def test_nydus_daemon_recover(
+def test_backend_recover(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     config = make_config("dedicated", recover_policy="restart")
@@ -413,12 +412,13 @@ def test_nydus_daemon_recover(
         cmdline_expected(root, daemon, image.bootstrap)
 
 
-def test_nydus_daemon_reconcile(
+def test_backend_reconcile(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
+    backend: NydusdBackend,
 ) -> None:
     """A snapshotter killed mid-recovery left two unrecorded replacements: the one bound to the
     API socket is adopted (record, and no respawn), the stale one is killed (no orphan)."""
@@ -432,16 +432,16 @@ def test_nydus_daemon_reconcile(
     mgr.close()
     kill9(dead)
     # two spawns the dead snapshotter never recorded; each spawn takes the API socket over
-    stale = daemon.pid = nydusd_hooks.spawn(daemon, inst, config)
-    assert nydusd_hooks.wait_ready(daemon, 10)
-    serving = daemon.pid = nydusd_hooks.spawn(daemon, inst, config)
-    assert nydusd_hooks.wait_ready(daemon, 10)
+    stale = daemon.pid = backend.spawn(daemon, inst)
+    assert backend.wait_ready(daemon, 10)
+    serving = daemon.pid = backend.spawn(daemon, inst)
+    assert backend.wait_ready(daemon, 10)
     record = DaemonStore(root / "nydus.db").get_daemon(daemon.id)
     assert record is not None and record.pid == dead
-    assert pm.hook.nydus_daemon_reconcile(daemon=record) is True
+    assert backend.reconcile(record) is True
     assert record.pid == serving
     assert not pid_alive(stale) and pid_alive(serving)
-    assert pm.hook.nydus_daemon_reconcile(daemon=record) is False  # already right
+    assert backend.reconcile(record) is False  # already right
     # at start-up the manager does the same and persists it: adopted, nothing respawned
     mgr2 = DaemonManager(config, pm)
     events.events.clear()
@@ -451,14 +451,9 @@ def test_nydus_daemon_reconcile(
     assert mgr2.store.get_daemon(daemon.id) == d2
     assert events.names(daemon.id) == []
     assert [p for p in pids_mentioning(str(daemon.api_socket)) if pid_alive(p)] == [serving]
-    # no process at all: nothing to adopt; another driver: not ours
+    # no process at all: nothing to adopt
     kill9(serving)
-    assert pm.hook.nydus_daemon_reconcile(daemon=d2) is False and d2.pid == serving
-    other = DaemonRecord(
-        id="x", fs_driver="virtiofs-xyz", mode=DaemonMode.SHARED, api_socket=root / "none.sock",
-        mountpoint=root / "m", config_dir=root / "c", log_dir=root / "l",
-    )  # fmt: skip
-    assert pm.hook.nydus_daemon_reconcile(daemon=other) is None
+    assert backend.reconcile(d2) is False and d2.pid == serving
     mgr2.close()
 
 
@@ -467,15 +462,14 @@ def cmdline_expected(root: Path, daemon: DaemonRecord, bootstrap: Path) -> list[
         "fuse", "--config", str(root / "config" / daemon.id / "config.json"), "--bootstrap", str(bootstrap),
         "--mountpoint", str(daemon.mountpoint), "--apisock", str(daemon.api_socket), "--log-level", "info",
         "--log-rotation-size", "100", "--log-file", str(daemon.log_dir / "nydusd.log"),
-        "--failover-policy", "resend",
     ]  # fmt: skip
 
 
-def test_nydus_daemon_recover_shared_reattaches_in_seq_order(
+def test_backend_recover_shared_reattaches_in_seq_order(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
 ) -> None:
     config = make_config("shared", recover_policy="restart")
     mgr = DaemonManager(config, pm)
@@ -503,7 +497,7 @@ def test_recover_policy_none_forgets_dead_daemon(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     config = make_config("dedicated", recover_policy="none")
@@ -529,7 +523,7 @@ def test_recover_policy_none_forgets_dead_daemon(
 
 
 def test_check_liveness_respawns_dead_daemon(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated", recover_policy="restart"), pm)
     image = make_image("121")
@@ -549,7 +543,7 @@ def test_nydus_daemon_event(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
@@ -564,7 +558,7 @@ def test_nydus_daemon_event(
 
 
 def test_daemon_mode_none_needs_no_daemon(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("none"), pm)
     image = make_image("141")
@@ -575,18 +569,22 @@ def test_daemon_mode_none_needs_no_daemon(
     assert mgr.get_instance("141") is None
 
 
-def test_nydusd_command_line_needs_program(root: Path, make_config: MakeConfig) -> None:
-    config = make_config("shared")
+def test_nydusd_command_line_needs_program(
+    root: Path, make_config: MakeConfig, pm: NydusPluginManager
+) -> None:
+    mgr = DaemonManager(make_config("shared"), pm)
     daemon = DaemonRecord(
-        id="abc", fs_driver="fusedev", mode=DaemonMode.SHARED, api_socket=root / "s" / "api.sock",
+        id="abc", fs_driver="mini", mode=DaemonMode.SHARED, api_socket=root / "s" / "api.sock",
         mountpoint=root / "mnt", config_dir=root / "c", log_dir=root / "l", program="no-such-nydusd-xyz",
     )  # fmt: skip
+    backend = mgr.backend("mini").backend
+    assert isinstance(backend, NydusdBackend)
     with pytest.raises(Exception, match="nydusd program 'no-such-nydusd-xyz' not found"):
-        nydusd_hooks.command_line(daemon, None, config)
+        backend.command_line(daemon, None)
 
 
 def test_ensure_instance_revives_dead_daemon(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated", recover_policy="restart"), pm)
     image = make_image("151")
@@ -606,7 +604,7 @@ def test_dead_shared_daemon_forgotten_then_replaced(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     mgr = DaemonManager(make_config("shared", recover_policy="none"), pm)
@@ -627,7 +625,7 @@ def test_liveness_monitor_respawns(
     root: Path,
     make_config: MakeConfig,
     make_image: MakeImage,
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     events: EventRecorder,
 ) -> None:
     mgr = DaemonManager(make_config("shared", recover_policy="restart"), pm)
@@ -652,7 +650,7 @@ def test_liveness_monitor_respawns(
 
 
 def test_daemon_exiting_at_start_is_reported_at_once(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm, ready_timeout=30)
     image = make_image("181")
@@ -666,7 +664,7 @@ def test_daemon_exiting_at_start_is_reported_at_once(
 
 
 def test_blob_meta_copied_to_cache_and_version_recorded(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("dedicated"), pm)
     image = make_image("191")
@@ -681,7 +679,7 @@ def test_blob_meta_copied_to_cache_and_version_recorded(
 
 
 def test_new_image_on_dead_shared_daemon_recovers_it_first(
-    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: pluggy.PluginManager
+    root: Path, make_config: MakeConfig, make_image: MakeImage, pm: NydusPluginManager
 ) -> None:
     mgr = DaemonManager(make_config("shared", recover_policy="restart"), pm)
     a, b = make_image("201", {"a": "A"}), make_image("202", {"b": "B"})

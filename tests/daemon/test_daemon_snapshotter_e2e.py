@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pluggy
 import pytest
 from daemon_helpers import pid_alive
 
@@ -17,6 +16,7 @@ from nydus_core.control.daemons.manager import DaemonManager
 from nydus_core.control.daemons.mounts import is_mounted, umount_tree
 from nydus_core.control.snapshot.snapshotter import Snapshotter
 from nydus_core.errors import AlreadyExists
+from nydus_core.plugins import NydusPluginManager
 
 REF = "127.0.0.1:5000/nydus/busybox:latest-nydus"
 
@@ -26,7 +26,7 @@ def test_container_on_nydus_image(
     mode: str,
     root: Path,
     make_config: Callable[..., SnapshotterConfig],
-    pm: pluggy.PluginManager,
+    pm: NydusPluginManager,
     tmp_path: Path,
 ) -> None:
     config = make_config(mode)

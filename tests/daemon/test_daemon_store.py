@@ -6,14 +6,14 @@ import sqlite3
 from pathlib import Path
 
 from nydus_core.control.daemons.model import DaemonMode, DaemonRecord, Instance
-from nydus_core.control.daemons.store import DaemonStore
+from nydus_core.control.daemons.store import DaemonStore, daemon_to_doc
 
 
 def record(tmp_path: Path, did: str, mode: DaemonMode = DaemonMode.SHARED) -> DaemonRecord:
     return DaemonRecord(
         id=did, fs_driver="fusedev", mode=mode, api_socket=tmp_path / "socket" / did / "api.sock",
         mountpoint=tmp_path / "mnt", config_dir=tmp_path / "config" / did, log_dir=tmp_path / "logs" / did,
-        program="nydusd", pid=42, supervisor_path=None, thread_num=4, version="v2",
+        program="nydusd", pid=42, thread_num=4, version="v2", backend_data={"socket_of_mine": "/x"},
     )  # fmt: skip
 
 
@@ -23,7 +23,7 @@ def instance(tmp_path: Path, sid: str, did: str) -> Instance:
         bootstrap=tmp_path / "snapshots" / sid / "fs" / "image" / "image.boot",
         mountpoint=tmp_path / "mnt" / sid, snapshot_dir=tmp_path / "snapshots" / sid,
         config_path=tmp_path / "config" / did / sid / "config.json",
-        annotations={"fscache.id": "abc"},
+        annotations={"fscache.id": "abc"}, backend_data={"device": "/dev/loop3", "n": 2},
     )  # fmt: skip
 
 
@@ -65,3 +65,22 @@ def test_delete_daemon_drops_its_instances(tmp_path: Path) -> None:
     assert [d.id for d in db.list_daemons()] == ["d2"]
     assert [i.snapshot_id for i in db.list_instances()] == ["2"]
     assert db.get_daemon("d1") is None and db.get_instance("1") is None
+
+
+def test_backend_data_persists_and_old_top_level_facts_move_into_it(tmp_path: Path) -> None:
+    """A record of an earlier release kept a backend's fact (the fusedev supervisor socket) at the
+    top of the document: it reaches the backend in ``backend_data``, and nothing is dropped."""
+    import json
+
+    db = DaemonStore(tmp_path / "nydus.db")
+    d = record(tmp_path, "d1")
+    db.save_daemon(d)
+    assert db.get_daemon("d1") == d  # backend_data round-trips as is
+    old = {k: v for k, v in daemon_to_doc(d).items() if k != "backend_data"}
+    old["supervisor_path"] = "/root/supervisor/d1.sock"
+    with sqlite3.connect(str(tmp_path / "nydus.db")) as raw:
+        raw.execute("UPDATE daemons SET doc = ? WHERE id = 'd1'", (json.dumps(old),))
+    migrated = DaemonStore(tmp_path / "nydus.db").get_daemon("d1")
+    assert migrated is not None
+    assert migrated.backend_data == {"supervisor_path": "/root/supervisor/d1.sock"}
+    assert migrated.pid == d.pid and migrated.api_socket == d.api_socket

@@ -61,17 +61,18 @@ def test_build_config_does_not_touch_template_and_non_registry_backends(tmp_path
     pm = build_plugin_manager(entry_points=False, env={})
     labels = {L.PULL_USERNAME: "u", L.PULL_SECRET: "p:with:colons"}
     doc = build_config(DEFAULT_TEMPLATE, image_ref="busybox", rafs_key="9", cache_dir=tmp_path,
-                       labels=labels, pm=pm)  # fmt: skip
+                       labels=labels, hooks=pm.typed)  # fmt: skip
     cfg = doc["device"]["backend"]["config"]
     assert base64.b64decode(cfg["auth"]) == b"u:p:with:colons"
     assert "host" not in DEFAULT_TEMPLATE["device"]["backend"]["config"]
     localfs = {"device": {"backend": {"type": "localfs", "config": {"dir": "/blobs"}}}}
-    doc = build_config(localfs, image_ref="busybox", rafs_key="9", cache_dir=tmp_path, labels=labels, pm=pm)
+    doc = build_config(localfs, image_ref="busybox", rafs_key="9", cache_dir=tmp_path, labels=labels,
+                       hooks=pm.typed)  # fmt: skip
     assert doc["device"]["backend"]["config"] == {"dir": "/blobs"}
     assert doc["device"]["id"] == "/9"
     with pytest.raises(ConfigError, match=r"device\.backend must be a JSON object"):
         build_config({"device": {"backend": 3}}, image_ref="busybox", rafs_key="9", cache_dir=tmp_path,
-                     labels={}, pm=pm)  # fmt: skip
+                     labels={}, hooks=pm.typed)  # fmt: skip
 
 
 def test_write_private_json(tmp_path: Path) -> None:

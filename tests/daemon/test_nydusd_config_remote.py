@@ -25,7 +25,7 @@ def _build(
 ) -> dict[str, Any]:
     pm = build_plugin_manager(entry_points=False, env={})
     doc = build_config(template or DEFAULT_TEMPLATE, image_ref=REF, rafs_key="7",
-                       cache_dir=tmp_path / "cache", labels={}, pm=pm, remote=remote)  # fmt: skip
+                       cache_dir=tmp_path / "cache", labels={}, hooks=pm.typed, remote=remote)  # fmt: skip
     cfg: dict[str, Any] = doc["device"]["backend"]["config"]
     return cfg
 

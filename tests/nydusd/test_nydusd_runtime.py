@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nydusd_helpers import FIXTURES, Image, build_image, localfs_config
 
 from nydus_core.control.daemons.client import NydusdApiError, NydusdClient
 from nydus_core.data.runtime.api import ApiServer
 from nydus_core.data.runtime.instance import RafsInstance
 from nydus_core.data.runtime.nydusd_json import ConfigInvalid, NydusdConfig
 from nydus_core.data.runtime.state import STATE_RUNNING, DaemonRuntime
+from nydus_core.testing.images import FIXTURES, Image, build_image, localfs_config
 
 
 @pytest.fixture

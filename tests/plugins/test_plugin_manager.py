@@ -8,13 +8,11 @@ what ``pip install`` leaves behind, so `importlib.metadata` finds them the ordin
 from __future__ import annotations
 
 import logging
-import sys
-import textwrap
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pluggy
 import pytest
+from conftest import MakeDist
 
 from nydus_core import hookimpl
 from nydus_core.config import SnapshotterConfig
@@ -30,34 +28,6 @@ from nydus_core.plugins import (
     list_plugins,
     redact,
 )
-
-MakeDist = Callable[[str, str, str], None]
-
-
-@pytest.fixture
-def make_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeDist]:
-    """Install fake distributions (dist-info + module) into a temp dir on sys.path."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    modules: list[str] = []
-
-    def make(dist: str, ep_name: str, source: str) -> None:
-        module = f"nydus_test_{ep_name.replace('-', '_')}"
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-        (info / "entry_points.txt").write_text(f"[nydus_core.plugins]\n{ep_name} = {module}\n")
-        modules.append(module)
-        import importlib
-
-        importlib.invalidate_caches()
-
-    yield make
-    for module in modules:
-        sys.modules.pop(module, None)
-
 
 GOOD_PLUGIN = """
 from nydus_core import hookimpl
@@ -313,9 +283,13 @@ def test_typed_hooks_cover_every_hookspec(hook: str) -> None:
 
     calls: list[tuple[str, dict[str, object]]] = []
 
-    def record(*args: object) -> str:
+    from nydus_core import hookspecs
+
+    record_hook = not _spec_params(hook)  # nydus_backends, ...: yield records, no arguments
+
+    def record(*args: object) -> object:
         calls.append((hook, dict(zip(_spec_params(hook), args, strict=True))))
-        return f"answer of {hook}"
+        return [f"record of {hook}"] if record_hook else f"answer of {hook}"
 
     # pluggy reads the argument names from the code object, so the implementation is compiled
     # with exactly the spec's parameter names.
@@ -325,7 +299,7 @@ def test_typed_hooks_cover_every_hookspec(hook: str) -> None:
     impl = namespace["impl"]
     plugin = types.ModuleType("recorder")
     plugin.impl = hookimpl(specname=hook)(impl)  # type: ignore[attr-defined,type-var]
-    pm = build_plugin_manager([plugin], entry_points=False, builtins=False, env={})
+    pm = build_plugin_manager([plugin], entry_points=False, builtins=False, env={}, registry=False)
 
     method = getattr(pm.typed, hook.removeprefix("nydus_"))
     params = [p for p in inspect.signature(method).parameters]
@@ -333,7 +307,30 @@ def test_typed_hooks_cover_every_hookspec(hook: str) -> None:
     args = {p: f"value of {p}" for p in params}
     result = method(**args)
     assert calls == [(hook, args)]
-    from nydus_core import hookspecs
-
     firstresult = getattr(hookspecs, hook).nydus_core_spec["firstresult"]
-    assert result == (f"answer of {hook}" if firstresult else None)
+    if record_hook:
+        assert result == [f"record of {hook}"]  # flattened over plugins
+    else:
+        assert result == (f"answer of {hook}" if firstresult else None)
+
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCTION_TREES = ["nydus_core", *(str(p) for p in REPO.glob("plugins/*/nydus_*"))]
+
+
+def test_production_code_calls_hooks_only_through_typed() -> None:
+    """One call path: ``pm.typed.<hook>(...)`` (checked by mypy), never ``pm.hook.nydus_*``."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    offenders = []
+    for tree in PRODUCTION_TREES:
+        base = Path(tree) if Path(tree).is_absolute() else repo / tree
+        for path in base.rglob("*.py"):
+            if path.name == "plugins.py" and path.parent.name == "nydus_core":
+                continue  # TypedHooks and the registry builder are the call path
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"\.hook\.nydus_\w+\(", line):
+                    offenders.append(f"{path.relative_to(repo)}:{n}: {line.strip()}")
+    assert len(PRODUCTION_TREES) >= 2, "the plugin trees were not found"
+    assert offenders == []

@@ -189,15 +189,28 @@ import json, os, sys
 from pathlib import Path
 
 import attrs
-from nydus_core import labels as L
+from nydus_core import hookimpl, labels as L
+from nydus_core.control.daemons.nydusd import NydusdBackend
+from nydus_core.records import BackendRecord
+
+
+class Purging(NydusdBackend):  # the stand-in nydusd: upstream's command line and API
+    def purge(self, root):
+        Path(MARKER + ".purged").write_text(str(root))
+
+
+class MiniBackend:
+    @hookimpl
+    def nydus_backends(self):
+        yield BackendRecord(name="mini", backend=Purging())
 
 
 def test_image_served_by_a_daemon(snapshotter, nydus_config, snapshotter_root):
     wrapper = snapshotter_root / "mini-nydusd"
     wrapper.write_text(f'#!/bin/sh\\nexec {sys.executable} {MINI!r} "$@"\\n')
     wrapper.chmod(0o755)
-    config = attrs.evolve(nydus_config, daemon=attrs.evolve(nydus_config.daemon, nydusd_path=str(wrapper)))
-    client = snapshotter(config=config)
+    daemon = attrs.evolve(nydus_config.daemon, nydusd_path=str(wrapper), fs_driver="mini")
+    client = snapshotter(MiniBackend(), config=attrs.evolve(nydus_config, daemon=daemon))
     labels = {L.NYDUS_BOOTSTRAP: "true", L.CRI_IMAGE_REF: "docker.io/library/busybox:latest"}
     [bind] = client.prepare("meta-active", labels=labels)
     boot = Path(bind.source) / "image" / "image.boot"
@@ -211,7 +224,7 @@ def test_image_served_by_a_daemon(snapshotter, nydus_config, snapshotter_root):
 """
 
 
-def test_snapshotter_fixture_stops_daemons_at_teardown(tmp_path: Path) -> None:
+def test_backend_purge_and_stop_at_fixture_teardown(tmp_path: Path) -> None:
     """A real stop leaves daemons running; the fixture's teardown must not leak them."""
     if not MINI_NYDUSD.exists():
         pytest.skip("tests/daemon/mini_nydusd.py (the stand-in nydusd) is not there")
@@ -231,3 +244,5 @@ def test_snapshotter_fixture_stops_daemons_at_teardown(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     pid = int(marker.read_text())
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    # and then the backend was told to end what it keeps beside its daemons for that root
+    assert Path(str(marker) + ".purged").read_text().startswith("/")

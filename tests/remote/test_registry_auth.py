@@ -140,7 +140,7 @@ def test_daemon_config_from_the_snapshotter_builds_a_working_client(
     template["device"] = {**DEFAULT_TEMPLATE["device"], "backend": {
         "type": "registry", "config": {"scheme": "http", "timeout": 5, "retry_limit": 1}}}
     doc = build_config(template, image_ref=f"{basic_registry.host}/private/daemon:latest", rafs_key="k",
-                       cache_dir=tmp_path, labels={}, pm=build_plugin_manager(entry_points=False))
+                       cache_dir=tmp_path, labels={}, hooks=build_plugin_manager(entry_points=False).typed)
     cfg = doc["device"]["backend"]["config"]
     assert cfg["auth"] and PASSWORD not in str(doc)  # base64 only, as upstream writes it
     with client_from_backend_config(cfg) as c:

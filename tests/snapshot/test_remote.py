@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,15 @@ from nydus_core.control.daemons.model import Instance
 from nydus_core.control.snapshot.model import ChainEntry, ImageSource, Info, Layer, LayerClaim
 from nydus_core.control.snapshot.overlay_mounts import OVERLAY_INDEX_PARAM
 from nydus_core.hookspecs import hookimpl
+from nydus_core.records import FormatRecord, ImageFormat
 
 C = grpc.StatusCode
 LAZY = "containerd.io/snapshot/test-lazy"
 CLAIMED = "containerd.io/snapshot/test-claimed"
 
 
-class LazyLayers:
-    """Claims every layer labelled `LAZY` and writes a marker into its upper dir."""
+class LazyLayers(ImageFormat):
+    """A format that claims every layer labelled `LAZY` and writes a marker into its upper dir."""
 
     def __init__(self) -> None:
         self.claimed: list[Layer] = []
@@ -47,7 +49,10 @@ class LazyLayers:
         self.lock = threading.Lock()
 
     @hookimpl
-    def nydus_claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
+    def nydus_formats(self) -> Iterator[FormatRecord]:
+        yield FormatRecord(name="test-lazy", format=self, priority=1000)
+
+    def claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
         if LAZY not in layer.labels:
             return None
         (layer.upper / "marker").write_text(layer.target)
@@ -162,15 +167,19 @@ def test_concurrent_duplicate_pulls(lazy: tuple[Served, LazyLayers]) -> None:
 # ------------------------------------------------------------------------- lazily served images
 
 
-class FindTestImage:
-    """Finds the nearest ancestor labelled with a nydus bootstrap (like the nydus format plugin)."""
+class FindTestImage(ImageFormat):
+    """A format that finds the nearest ancestor labelled with a nydus bootstrap (like the built-in
+    nydus format, asked before it)."""
 
     def __init__(self) -> None:
         self.chains: list[list[ChainEntry]] = []
 
     @hookimpl
-    def nydus_find_image(
-        self, key: str, chain: list[ChainEntry], config: SnapshotterConfig
+    def nydus_formats(self) -> Iterator[FormatRecord]:
+        yield FormatRecord(name="test-find", format=self, priority=1000)
+
+    def find_image(
+        self, key: str, chain: Sequence[ChainEntry], config: SnapshotterConfig
     ) -> ImageSource | None:
         self.chains.append(list(chain))
         for entry in chain:

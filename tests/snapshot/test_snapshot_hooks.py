@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from nydus_core import labels as L
 from nydus_core.config import SnapshotterConfig
 from nydus_core.control.snapshot.model import Info, Kind, Layer, LayerClaim, Mount, MountRequest
 from nydus_core.hookspecs import hookimpl
+from nydus_core.records import FormatRecord, ImageFormat
 
 
 class NydusOverlayfsMounts:
@@ -49,12 +51,15 @@ def test_nydus_mounts_plugin_overrides_and_falls_back(start_snapshotter: Any) ->
     assert req.lowers == (snaps / "1" / "fs",) and req.image_mountpoint is None
 
 
-class Events:
+class Events(ImageFormat):
     def __init__(self) -> None:
         self.log: list[tuple[str, str, Kind, bool | None]] = []
 
     @hookimpl
-    def nydus_claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
+    def nydus_formats(self) -> Iterator[FormatRecord]:
+        yield FormatRecord(name="t", format=self)
+
+    def claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
         return LayerClaim(format="t") if "lazy" in layer.labels else None
 
     @hookimpl

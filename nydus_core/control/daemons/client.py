@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import attrs
 import httpx
@@ -63,7 +63,7 @@ class NydusdClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> NydusdClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,15 +132,7 @@ class NydusdClient:
     def inflight_metrics(self) -> Any:
         return self._json("GET", "/api/v1/metrics/inflight")
 
-    # failover / hot upgrade (the daemon must run with --supervisor)
-    def send_fd(self) -> None:
-        """Have the daemon push its state and FUSE fd to its supervisor."""
-        self._request("PUT", "/api/v1/daemon/fuse/sendfd")
-
-    def takeover(self) -> None:
-        """Have a daemon waiting in INIT fetch state and FUSE fd from its supervisor."""
-        self._request("PUT", "/api/v1/daemon/fuse/takeover")
-
+    # session control (after a takeover, the old side of a hot upgrade)
     def start(self) -> None:
         """Have a daemon that took over a session serve it."""
         self._request("PUT", "/api/v1/daemon/start")

@@ -23,13 +23,14 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import pluggy
+from typing import TYPE_CHECKING, Any
 
 from nydus_core.config import RemoteConfig
 from nydus_core.data.remote.mirrors import MirrorConfig, MirrorConfigError, from_hosts_dir
 from nydus_core.data.remote.reference import parse_ref
+
+if TYPE_CHECKING:
+    from nydus_core.plugins import TypedHooks
 from nydus_core.errors import ConfigError
 
 # A registry-backed FUSE config in upstream's v1 JSON schema (misc/snapshotter/nydusd-config.fusedev.json).
@@ -87,10 +88,10 @@ def build_config(
     rafs_key: str,
     cache_dir: Path,
     labels: Mapping[str, str],
-    pm: pluggy.PluginManager,
+    hooks: TypedHooks,
     remote: RemoteConfig | None = None,
 ) -> dict[str, Any]:
-    """Fill a copy of `template` for one image; credentials come from `nydus_credentials`.
+    """Fill a copy of `template` for one image; credentials come from `nydus_credentials` (`hooks`).
 
     `remote` is the snapshotter's ``[remote]`` section (TLS skip and hosts.toml mirrors).
     """
@@ -105,7 +106,7 @@ def build_config(
         ref = parse_ref(image_ref)
         backend_cfg["host"] = ref.api_host
         backend_cfg["repo"] = ref.repo
-        creds = pm.hook.nydus_credentials(host=ref.host, ref=image_ref, labels=dict(labels))
+        creds = hooks.credentials(host=ref.host, ref=image_ref, labels=dict(labels))
         if creds is not None:
             if creds.username:
                 backend_cfg["auth"] = base64.b64encode(f"{creds.username}:{creds.secret}".encode()).decode()

@@ -45,16 +45,32 @@ def daemon_to_doc(d: DaemonRecord) -> dict[str, Any]:
         "log_dir": str(d.log_dir),
         "program": d.program,
         "pid": d.pid,
-        "supervisor_path": None if d.supervisor_path is None else str(d.supervisor_path),
         "thread_num": d.thread_num,
         "log_level": d.log_level,
         "failover_policy": d.failover_policy,
         "version": d.version,
+        "backend_data": dict(d.backend_data),
     }
 
 
+_DAEMON_FIELDS = frozenset(
+    ("id", "fs_driver", "mode", "api_socket", "mountpoint", "config_dir", "log_dir", "program", "pid",
+     "thread_num", "log_level", "failover_policy", "version", "backend_data")
+)
+
+
+def _backend_data(doc: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """The document's ``backend_data``, plus top-level keys this version does not know: a record
+    written by an older release that kept a backend's fact at the top (``supervisor_path``) is
+    handed to the backend unchanged, never dropped."""
+    data = dict(doc.get("backend_data") or {})
+    for key, value in doc.items():
+        if key not in known and value is not None:
+            data.setdefault(key, value)
+    return data
+
+
 def daemon_from_doc(doc: dict[str, Any]) -> DaemonRecord:
-    sup = doc.get("supervisor_path")
     return DaemonRecord(
         id=doc["id"],
         fs_driver=doc["fs_driver"],
@@ -65,11 +81,11 @@ def daemon_from_doc(doc: dict[str, Any]) -> DaemonRecord:
         log_dir=Path(doc["log_dir"]),
         program=doc.get("program", ""),
         pid=int(doc.get("pid", 0)),
-        supervisor_path=None if sup is None else Path(sup),
         thread_num=int(doc.get("thread_num", 0)),
         log_level=doc.get("log_level", "info"),
         failover_policy=doc.get("failover_policy", "resend"),
         version=doc.get("version", ""),
+        backend_data=_backend_data(doc, _DAEMON_FIELDS),
     )
 
 
@@ -85,7 +101,14 @@ def instance_to_doc(i: Instance) -> dict[str, Any]:
         "config_path": None if i.config_path is None else str(i.config_path),
         "seq": i.seq,
         "annotations": dict(i.annotations),
+        "backend_data": dict(i.backend_data),
     }
+
+
+_INSTANCE_FIELDS = frozenset(
+    ("snapshot_id", "daemon_id", "image_ref", "bootstrap", "mountpoint", "snapshot_dir", "fs_driver",
+     "config_path", "seq", "annotations", "backend_data")
+)
 
 
 def instance_from_doc(doc: dict[str, Any]) -> Instance:
@@ -97,10 +120,11 @@ def instance_from_doc(doc: dict[str, Any]) -> Instance:
         bootstrap=Path(doc["bootstrap"]),
         mountpoint=Path(doc["mountpoint"]),
         snapshot_dir=Path(doc["snapshot_dir"]),
-        fs_driver=doc.get("fs_driver", "fusedev"),
+        fs_driver=doc.get("fs_driver", ""),
         config_path=None if cp is None else Path(cp),
         seq=int(doc.get("seq", 0)),
         annotations=dict(doc.get("annotations", {})),
+        backend_data=_backend_data(doc, _INSTANCE_FIELDS),
     )
 
 

@@ -1,4 +1,4 @@
-"""Built-in detection of nydus images (RAFS bootstrap layer + data blobs).
+"""The built-in ``nydus`` image format: a RAFS bootstrap layer plus data blobs.
 
 Layer types are decided by label *presence*, as upstream does:
 
@@ -12,7 +12,7 @@ For a container snapshot the chain is walked, nearest parent first, for the meta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from nydus_core import labels as L
@@ -20,6 +20,7 @@ from nydus_core.config import SnapshotterConfig
 from nydus_core.control.snapshot.model import ChainEntry, ImageSource, Layer, LayerClaim
 from nydus_core.errors import FailedPrecondition
 from nydus_core.hookspecs import hookimpl
+from nydus_core.records import FormatRecord, ImageFormat
 
 FORMAT = "nydus"
 
@@ -41,36 +42,43 @@ def bootstrap_path(upper: Path) -> Path:
     return current
 
 
-@hookimpl
-def nydus_claim_layer(layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
-    if L.is_nydus_meta_layer(layer.labels):
-        return None  # the bootstrap layer is unpacked by containerd
-    if L.is_nydus_data_layer(layer.labels):
-        return LayerClaim(format=FORMAT)
-    return None
+class NydusFormat(ImageFormat):
+    """Data layers are claimed (the daemon reads them lazily); the meta layer is unpacked by
+    containerd and its ``image/image.boot`` is the bootstrap every backend serves."""
+
+    def claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
+        if L.is_nydus_meta_layer(layer.labels):
+            return None  # the bootstrap layer is unpacked by containerd
+        if L.is_nydus_data_layer(layer.labels):
+            return LayerClaim(format=FORMAT)
+        return None
+
+    def find_image(
+        self, key: str, chain: Sequence[ChainEntry], config: SnapshotterConfig
+    ) -> ImageSource | None:
+        for entry in chain:
+            if not L.is_nydus_meta_layer(entry.labels):
+                continue
+            ref = L.image_ref(entry.labels)
+            if ref is None:
+                raise FailedPrecondition(
+                    f"failed to find the image reference of nydus meta snapshot {entry.id} "
+                    f"({entry.name}) for {key}: "
+                    + MISSING_REF_HINT.format(cri=L.CRI_IMAGE_REF, stargz=L.STARGZ_REFERENCE)
+                )
+            bootstrap = bootstrap_path(entry.upper)
+            if not bootstrap.is_file():
+                raise FailedPrecondition(
+                    f"nydus meta snapshot {entry.id} ({entry.name}) has no bootstrap: neither "
+                    f"{entry.upper / 'image' / 'image.boot'} nor {entry.upper / 'image.boot'} exists"
+                )
+            return ImageSource(
+                format=FORMAT, meta_id=entry.id, bootstrap=bootstrap, image_ref=ref, labels=dict(entry.labels)
+            )
+        return None
 
 
 @hookimpl
-def nydus_find_image(
-    key: str, chain: Sequence[ChainEntry], config: SnapshotterConfig
-) -> ImageSource | None:
-    for entry in chain:
-        if not L.is_nydus_meta_layer(entry.labels):
-            continue
-        ref = L.image_ref(entry.labels)
-        if ref is None:
-            raise FailedPrecondition(
-                f"failed to find the image reference of nydus meta snapshot {entry.id} "
-                f"({entry.name}) for {key}: "
-                + MISSING_REF_HINT.format(cri=L.CRI_IMAGE_REF, stargz=L.STARGZ_REFERENCE)
-            )
-        bootstrap = bootstrap_path(entry.upper)
-        if not bootstrap.is_file():
-            raise FailedPrecondition(
-                f"nydus meta snapshot {entry.id} ({entry.name}) has no bootstrap: neither "
-                f"{entry.upper / 'image' / 'image.boot'} nor {entry.upper / 'image.boot'} exists"
-            )
-        return ImageSource(
-            format=FORMAT, meta_id=entry.id, bootstrap=bootstrap, image_ref=ref, labels=dict(entry.labels)
-        )
-    return None
+def nydus_formats() -> Iterator[FormatRecord]:
+    yield FormatRecord(name=FORMAT, format=NydusFormat(), priority=100,
+                       description="RAFS v6/v5 bootstrap layer + blobs (nydusify, nydus-image)")  # fmt: skip

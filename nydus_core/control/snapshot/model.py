@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from nydus_core.control.daemons.model import Instance
 
 
 class Kind(enum.IntEnum):
@@ -124,6 +128,8 @@ class ImageSource:
 
     `meta_id` is the snapshot id of the layer holding the bootstrap; one RAFS instance serves all
     containers on that meta snapshot. `bootstrap` is the RAFS v6 (or v5) bootstrap file.
+    `backend` names the backend record that must serve it when the format needs a particular one
+    (tarfs: ``blockdev``); empty means the configured ``[daemon] fs_driver``.
     """
 
     format: str
@@ -131,6 +137,7 @@ class ImageSource:
     bootstrap: Path
     image_ref: str
     labels: dict[str, str] = attrs.field(factory=dict)
+    backend: str = ""
 
 
 @attrs.frozen
@@ -138,7 +145,9 @@ class MountRequest:
     """Everything a mount producer needs to build the mount list for one snapshot.
 
     `lowers` are the parent upper dirs nearest first; `image_mountpoint` is set when the chain is
-    served lazily by a backend (then it replaces the lowers that the image covers).
+    served lazily by a backend (then it replaces the lowers that the image covers), with the
+    `image` and its `instance` (whose ``fs_driver`` names the backend and whose ``backend_data``
+    holds what the backend recorded for it).
     """
 
     id: str
@@ -150,3 +159,4 @@ class MountRequest:
     labels: dict[str, str]
     image_mountpoint: Path | None = None
     image: ImageSource | None = None
+    instance: Instance | None = None

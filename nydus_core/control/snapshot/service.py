@@ -21,7 +21,7 @@ from nydus_core.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc a
 from nydus_core.api.containerd.types import mount_pb2
 from nydus_core.control.snapshot.model import Info, Kind, Mount
 from nydus_core.control.snapshot.snapshotter import Snapshotter
-from nydus_core.errors import SnapshotterError
+from nydus_core.errors import SnapshotterError, status_code
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         try:
             return fn()
         except SnapshotterError as exc:
-            log.debug("%s: %s: %s", rpc, exc.code.name, exc)
-            self._abort(context, exc.code, str(exc) or exc.__class__.__name__)
+            log.debug("%s: %s: %s", rpc, exc.grpc_status, exc)
+            self._abort(context, status_code(exc), str(exc) or exc.__class__.__name__)
         except Exception as exc:
             log.exception("%s failed", rpc)
             self._abort(context, grpc.StatusCode.INTERNAL, f"{rpc}: {exc.__class__.__name__}: {exc}")

@@ -13,9 +13,9 @@ Directory life cycle (what makes a kill -9 harmless):
   ``rm-*`` and stray ids), after letting the image service drop what no live snapshot uses.
 
 Remote snapshots (upstream's "already exists" protocol, reference §1.4): a Prepare carrying
-``containerd.io/snapshot.ref`` asks the format plugins (`nydus_claim_layer`) whether they serve
-the layer lazily; if one does, the active snapshot is committed under the target name at once and
-containerd is told ``AlreadyExists`` so it skips the download.
+``containerd.io/snapshot.ref`` asks the image formats (`nydus_core.records.FormatRecord`, in
+priority order) whether they serve the layer lazily; if one does, the active snapshot is
+committed under the target name at once and containerd is told ``AlreadyExists`` so it skips the download.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
-
-import pluggy
 
 from nydus_core import labels as L
 from nydus_core.config import SnapshotterConfig
@@ -52,6 +51,7 @@ from nydus_core.control.snapshot.model import (
     Usage,
 )
 from nydus_core.errors import AlreadyExists, FailedPrecondition, SnapshotterError
+from nydus_core.plugins import NydusPluginManager
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ImageService(Protocol):
 class NoImageService(SnapshotterError):
     """A plugin found a lazily served image but the snapshotter runs without a daemon manager."""
 
-    code = FailedPrecondition.code
+    grpc_status = FailedPrecondition.grpc_status
 
 
 def disk_usage(root: Path) -> Usage:
@@ -160,12 +160,15 @@ class Snapshotter:
         self,
         root: Path,
         config: SnapshotterConfig,
-        pm: pluggy.PluginManager,
+        pm: NydusPluginManager,
         images: ImageService | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = config
         self.pm = pm
+        self.hooks = pm.typed
+        # Enabled formats, highest priority first: fixed for the life of the process.
+        self.formats = pm.registry.ordered_formats(config)
         self.images = images
         self.paths = SnapshotPaths(self.root)
         self.snapshots_dir = self.root / "snapshots"
@@ -262,9 +265,7 @@ class Snapshotter:
             chain = [
                 ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self._upper(c.id)) for c in links
             ]
-            source = self.pm.hook.nydus_find_image(
-                key=key, chain=chain, config=self.config
-            )
+            source = self._find_image(key, chain)
             if source is not None:
                 if self.images is None:
                     raise NoImageService(
@@ -289,8 +290,9 @@ class Snapshotter:
                     labels=request.labels,
                     image_mountpoint=instance.mountpoint,
                     image=source,
+                    instance=instance,
                 )
-        mounts: list[Mount] | None = self.pm.hook.nydus_mounts(request=request, config=self.config)
+        mounts = self.hooks.mounts(request=request, config=self.config)
         if mounts is None:
             raise SnapshotterError(f"snapshot {key}: no mount producer answered")
         result = list(mounts)
@@ -352,7 +354,11 @@ class Snapshotter:
             key=key, parent=parent, target=target, labels=dict(labels),
             snapshot_id=snap.id, upper=self._upper(snap.id),
         )
-        claim: LayerClaim | None = self.pm.hook.nydus_claim_layer(layer=layer, config=self.config)
+        claim: LayerClaim | None = None
+        for fmt in self.formats:
+            claim = fmt.format.claim_layer(layer, self.config)
+            if claim is not None:
+                break
         if claim is None:
             return
         try:
@@ -369,14 +375,22 @@ class Snapshotter:
             committed = self.ms.commit(key, name, usage, labels)
         finally:
             self._invalidate_mounts(key)
-        self._event("nydus_snapshot_committed", info=committed.info, remote=remote)
+        self._event(lambda: self.hooks.snapshot_committed(info=committed.info, remote=remote),
+                    "nydus_snapshot_committed")  # fmt: skip
         return committed.info
 
-    def _event(self, name: str, **kwargs: object) -> None:
+    def _find_image(self, key: str, chain: list[ChainEntry]) -> ImageSource | None:
+        for fmt in self.formats:
+            source = fmt.format.find_image(key, chain, self.config)
+            if source is not None:
+                return source
+        return None
+
+    def _event(self, fire: Callable[[], None], name: str) -> None:
         """Broadcast an event after the fact: a listener's failure is logged, never returned to
         containerd (the operation it reports has already happened)."""
         try:
-            getattr(self.pm.hook, name)(**kwargs)
+            fire()
         except Exception:
             log.exception("event hook %s failed", name)
 
@@ -437,7 +451,7 @@ class Snapshotter:
                 self.images.release_unused(self.ms.ids())
             for dst in moved + served:
                 remove_tree(dst)
-        self._event("nydus_snapshot_removed", info=rec.info)
+        self._event(lambda: self.hooks.snapshot_removed(info=rec.info), "nydus_snapshot_removed")
         return rec.info
 
     def stat(self, key: str) -> Info:

@@ -4,7 +4,8 @@ Operators (and our tests) ask a running snapshotter which daemons it manages and
 each serves, without reading its databases. Served endpoints (upstream's paths and JSON names):
 
 * ``GET /api/v1/daemons``: one object per daemon known to the daemon manager: ``id``, ``pid``,
-  ``api_socket``, ``supervisor_path``, ``reference`` (number of images it serves),
+  ``fs_driver`` (ours), ``api_socket``, ``supervisor_path`` (from the daemon's backend), ``reference``
+  (number of images it serves),
   ``mountpoint``, ``startup_cpu_utilization``, ``memory_rss_kb``, ``read_data_kb`` and
   ``instances`` (snapshot id -> ``{snapshot_id, snapshot_dir, mountpoint, image_id}``);
 * ``GET /api/v1/daemons/records``: the daemon records as persisted in ``nydus.db``;
@@ -55,6 +56,10 @@ class DaemonSource(Protocol):
     def daemons(self) -> list[DaemonRecord]: ...
 
     def instances(self) -> list[Instance]: ...
+
+    def describe(self, daemon: DaemonRecord) -> dict[str, Any]:
+        """The owning backend's extra fields for the daemon's entry (``supervisor_path``, ...)."""
+        ...
 
 
 class Upgrader(Protocol):
@@ -136,14 +141,18 @@ def instance_info(inst: Instance) -> dict[str, Any]:
     }
 
 
-def daemon_info(daemon: DaemonRecord, instances: list[Instance]) -> dict[str, Any]:
-    """One entry of ``GET /api/v1/daemons`` (upstream's ``daemonInfo``)."""
+def daemon_info(
+    daemon: DaemonRecord, instances: list[Instance], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One entry of ``GET /api/v1/daemons`` (upstream's ``daemonInfo``); `extra` are the owning
+    backend's fields (`DaemonSource.describe`), upstream's ``supervisor_path`` among them."""
     served = [i for i in instances if i.daemon_id == daemon.id]
-    return {
+    info = {
         "id": daemon.id,
         "pid": daemon.pid,
+        "fs_driver": daemon.fs_driver,
         "api_socket": str(daemon.api_socket),
-        "supervisor_path": "" if daemon.supervisor_path is None else str(daemon.supervisor_path),
+        "supervisor_path": "",
         "reference": len(served),
         "mountpoint": str(daemon.mountpoint),
         "startup_cpu_utilization": 0.0,
@@ -151,11 +160,13 @@ def daemon_info(daemon: DaemonRecord, instances: list[Instance]) -> dict[str, An
         "read_data_kb": _read_data_kb(daemon.api_socket),
         "instances": {i.snapshot_id: instance_info(i) for i in served},
     }
+    info.update(extra or {})
+    return info
 
 
 def list_daemons(source: DaemonSource) -> list[dict[str, Any]]:
     instances = source.instances()
-    return [daemon_info(d, instances) for d in source.daemons()]
+    return [daemon_info(d, instances, source.describe(d)) for d in source.daemons()]
 
 
 def list_records(source: DaemonSource) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ from nydus_core.data.cache import CacheError
 from nydus_core.data.cache.chunk_map import ChunkMap
 from nydus_core.data.cache.source import ChunkSource
 from nydus_core.data.rafs import RafsError
-from nydus_core.data.rafs.blob import decompress, digest
-from nydus_core.data.rafs.bootstrap import CHUNK_FLAG_COMPRESSED, BlobEntry, ChunkInfo
+from nydus_core.data.rafs.blob import digest
+from nydus_core.data.rafs.bootstrap import BlobEntry, ChunkInfo
+from nydus_core.records import BlobDecoder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,15 @@ class BlobCache:
         amplify_io: int = DEFAULT_AMPLIFY_IO,
         validate_on_hit: bool = False,
         stats: CacheStats | None = None,
+        decoder: BlobDecoder | None = None,
     ) -> None:
+        """:param decoder: turns a chunk's stored bytes into its data (`nydus_core.data.decoders`;
+            the native nydus decoder by default)."""
+        if decoder is None:
+            from nydus_core.data.decoders import NATIVE_DECODER
+
+            decoder = NATIVE_DECODER
+        self.decoder = decoder
         self.entry = entry
         self.blob_id = entry.blob_id
         self.source = source
@@ -95,7 +104,9 @@ class BlobCache:
             by_index.setdefault(c.index, c)
         self.chunks = by_index
         # Blob order, for amplification: neighbours by compressed offset.
-        self._order = sorted(by_index.values(), key=lambda c: c.compressed_offset)
+        # Where each chunk's stored bytes are (the decoder says; native: its compressed extent).
+        self._ranges = {c.index: decoder.read_range(entry, c) for c in by_index.values()}
+        self._order = sorted(by_index.values(), key=lambda c: self._ranges[c.index][0])
         self._pos = {c.index: i for i, c in enumerate(self._order)}
         count = max(1, entry.chunk_count, max(by_index, default=-1) + 1)
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
@@ -166,16 +177,16 @@ class BlobCache:
         """Under the lock: register flights for `first` and the neighbours an amplified read takes."""
         claimed = [(first, _Flight())]
         self._flights[first.index] = claimed[0][1]
-        start = first.compressed_offset
-        end = start + first.compressed_size
+        start, size = self._ranges.get(first.index) or self.decoder.read_range(self.entry, first)
+        end = start + size
         pos = self._pos.get(first.index)
         if pos is not None and self.amplify_io > 0:
             for nxt in self._order[pos + 1 :]:
                 if nxt.flags & 0x2:  # hole: nothing in the blob
                     continue
-                new_end = nxt.compressed_offset + nxt.compressed_size
-                if (nxt.compressed_offset - end > MAX_GAP or new_end - start > self.amplify_io
-                        or nxt.compressed_offset < end):  # fmt: skip
+                nxt_off, nxt_size = self._ranges[nxt.index]
+                new_end = nxt_off + nxt_size
+                if nxt_off - end > MAX_GAP or new_end - start > self.amplify_io or nxt_off < end:
                     break
                 if self.map.is_ready(nxt.index) or nxt.index in self._flights:
                     break
@@ -186,9 +197,9 @@ class BlobCache:
         return claimed
 
     def _run(self, claimed: list[tuple[ChunkInfo, _Flight]], want: ChunkInfo, prefetch: bool) -> bytes:
-        start = claimed[0][0].compressed_offset
-        last = claimed[-1][0]
-        size = last.compressed_offset + last.compressed_size - start
+        ranges = [self._ranges.get(c.index) or self.decoder.read_range(self.entry, c) for c, _ in claimed]
+        start = ranges[0][0]
+        size = ranges[-1][0] + ranges[-1][1] - start
         result: bytes | None = None
         error: BaseException | None = None
         try:
@@ -203,10 +214,10 @@ class BlobCache:
             self.stats.add(backend_reads=1, backend_bytes=size,
                            backend_latency_us=int((time.monotonic() - t0) * 1e6))  # fmt: skip
             written: list[tuple[ChunkInfo, _Flight, bytes]] = []
-            for chunk, flight in claimed:
-                off = chunk.compressed_offset - start
+            for (chunk, flight), (roff, rsize) in zip(claimed, ranges, strict=True):
+                off = roff - start
                 try:
-                    data = self._decode(chunk, raw[off : off + chunk.compressed_size])
+                    data = self._decode(chunk, raw[off : off + rsize])
                     os.pwrite(self._fd, data, chunk.uncompressed_offset)
                 except BaseException as e:
                     flight.error = e
@@ -240,14 +251,11 @@ class BlobCache:
         return result
 
     def _decode(self, chunk: ChunkInfo, raw: bytes) -> bytes:
-        what = f"blob {self.blob_id} chunk {chunk.index}"
         try:
-            if chunk.flags & CHUNK_FLAG_COMPRESSED:
-                data = decompress(self.entry.compression_algo, raw, chunk.uncompressed_size, what)
-            else:
-                if len(raw) < chunk.uncompressed_size:
-                    raise RafsError(f"{what}: {len(raw)} raw bytes, expected {chunk.uncompressed_size}")
-                data = raw[: chunk.uncompressed_size]
+            data = self.decoder.decode(self.entry, chunk, raw)
+            if len(data) != chunk.uncompressed_size:
+                raise RafsError(f"blob {self.blob_id} chunk {chunk.index}: decoded to {len(data)} bytes, "
+                                f"expected {chunk.uncompressed_size}")  # fmt: skip
         except RafsError as e:
             self.stats.add(digest_failures=1)
             self._forget_source()

@@ -16,6 +16,7 @@ from typing import Any
 
 from nydus_core.data.cache.blobcache import BlobCache, CacheStats
 from nydus_core.data.cache.source import ChunkSource
+from nydus_core.data.decoders import DecoderSet
 from nydus_core.data.rafs import RafsError
 from nydus_core.data.rafs.bootstrap import CHUNK_FLAG_HOLE, Bootstrap, ChunkInfo
 from nydus_core.data.rafs.erofs import LAYOUT_CHUNK_BASED, NULL_ADDR, Inode
@@ -57,7 +58,11 @@ class RafsInstance:
         source: ChunkSource | None = None,
         registry_factory: RegistryFactory | None = None,
         prefetch_files: Iterable[str] = (),
+        decoders: DecoderSet | None = None,
     ) -> None:
+        """:param decoders: the blob decoders of the daemon (native nydus chunks only when
+            ``None``); each blob is read by the one `DecoderSet.for_blob` picks."""
+        decoders = decoders or DecoderSet.native_only()
         self.bootstrap_path = bootstrap_path
         self.config = config
         self.bootstrap = Bootstrap.open(bootstrap_path)
@@ -72,7 +77,8 @@ class RafsInstance:
             by_blob.setdefault(c.blob_index, []).append(c)
         self.caches = [
             BlobCache(entry, by_blob.get(i, []), self.source, config.work_dir, amplify_io=config.amplify_io,
-                      validate_on_hit=config.digest_validate, stats=self.cache_stats)
+                      validate_on_hit=config.digest_validate, stats=self.cache_stats,
+                      decoder=decoders.for_blob(entry))
             for i, entry in enumerate(self.bootstrap.blobs)
         ]
         self._inodes: dict[int, Inode] = {}

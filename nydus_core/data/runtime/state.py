@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from nydus_core.data.decoders import DecoderSet
 from nydus_core.data.rafs import RafsError
 from nydus_core.data.runtime import __version__
 from nydus_core.data.runtime.instance import RafsInstance, merge_counts
@@ -65,7 +66,10 @@ class DaemonRuntime:
     """The set of served images plus daemon state; thread safe."""
 
     def __init__(self, daemon_id: str = "", *, shared: bool, registry_factory: RegistryFactory | None = None,
-                 prefetch_files: list[str] | None = None) -> None:  # fmt: skip
+                 prefetch_files: list[str] | None = None,
+                 decoders: DecoderSet | Callable[[], DecoderSet] | None = None) -> None:  # fmt: skip
+        """:param decoders: the blob decoders images are read with, or a function returning them
+            (asked when the first image is opened; native nydus chunks only when ``None``)."""
         self.id = daemon_id
         self.shared = shared
         self.state = STATE_INIT
@@ -74,6 +78,7 @@ class DaemonRuntime:
         self.info_extra: dict[str, Any] = {}
         self.version = version_info()
         self.registry_factory = registry_factory
+        self.decoders = decoders
         self.prefetch_files = prefetch_files or []
         self._lock = threading.Lock()
         self.instances: dict[str, RafsInstance] = {}
@@ -85,8 +90,9 @@ class DaemonRuntime:
         self.listeners: list[Listener] = []
         # mount id -> (bootstrap, config JSON): what a takeover daemon needs to serve it again
         self.specs: dict[str, tuple[str, str]] = {}
-        # Session actions of the FUSE backend (``sendfd``, ``takeover``, ``start``, ``exit``);
-        # absent when the daemon runs without ``--supervisor``.
+        # Session actions a daemon program registers (upstream's ``sendfd``, ``takeover``,
+        # ``start``, ``exit``); absent when the program offers none (nydusd-py: without
+        # ``--supervisor``).
         self.actions: dict[str, Callable[[], None]] = {}
 
     def _open(self, bootstrap: str, config_text: str) -> RafsInstance:
@@ -95,8 +101,9 @@ class DaemonRuntime:
         except ConfigInvalid as e:
             raise ApiError(400, "EINVAL", str(e)) from e
         try:
+            decoders = self.decoders() if callable(self.decoders) else self.decoders
             inst = RafsInstance(bootstrap, config, registry_factory=self.registry_factory,
-                                prefetch_files=self.prefetch_files)  # fmt: skip
+                                prefetch_files=self.prefetch_files, decoders=decoders)  # fmt: skip
         except FileNotFoundError as e:
             raise ApiError(404, "ENOENT", f"bootstrap {bootstrap}: {e.strerror}") from e
         except (RafsError, ConfigInvalid) as e:
@@ -170,7 +177,7 @@ class DaemonRuntime:
         """Run a session action (the ``/api/v1/daemon/...`` PUT endpoints)."""
         fn = self.actions.get(name)
         if fn is None:
-            raise ApiError(400, "EINVAL", f"{name} needs a daemon started with --supervisor")
+            raise ApiError(400, "EINVAL", f"{name} is not offered by this daemon")
         fn()
 
     def get(self, mount_id: str) -> RafsInstance | None:

@@ -241,6 +241,20 @@ def _source_tree(img: RemoteImage, work: str, bar: bool | None) -> Node:
     return merge_layers(trees)
 
 
+def image_tree(
+    source: str, work: str, transport: Transport | None = None, platform: str = "linux/amd64"
+) -> Node:
+    """The filesystem an OCI image holds: its layers merged with overlay semantics, the way
+    containerd's overlayfs snapshotter shows it (file contents stay in `work` until it is removed).
+    Backend tests compare what a backend serves with it."""
+    ref = parse_reference(source, "source")
+    client = open_client(ref, transport or Transport())
+    try:
+        return _source_tree(fetch_image(client, ref, platform, "source"), work, False)
+    finally:
+        client.close()
+
+
 def check(source: str, target: str, opts: CheckOptions | None = None) -> CheckReport:
     """Compare `target` (a nydus image) with `source` (the OCI image it was made from)."""
     opts = opts or CheckOptions()

@@ -1,1 +1,0 @@
-"""Built-in plugins: default behaviour expressed through the public hooks."""

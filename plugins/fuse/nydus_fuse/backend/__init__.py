@@ -1,0 +1,1 @@
+"""The snapshotter side of the fusedev backend: failover, standbys, hot upgrade, the session holder client."""
