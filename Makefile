@@ -10,9 +10,10 @@ PYTEST_ARGS ?= --durations=15
 BENCH_ARGS ?=
 
 PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
+DIST ?= dist
 STAMP := $(VENV)/.nydus-installed
 
-.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench-failover bench bench-full system venv clean
+.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench-failover bench bench-full system venv dist clean
 
 test: system venv lint pytest
 
@@ -26,6 +27,14 @@ $(STAMP): pyproject.toml $(PLUGIN_PROJECTS)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]' $(foreach p,$(PLUGIN_PROJECTS),-e $(dir $(p)))
 	touch $@
+
+# Wheels of nydus-core and of every plugin distribution, for
+# `pip install --find-links dist 'nydus-core[fuse]'` (dependencies come from the index).
+dist: venv
+	rm -rf $(DIST)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(DIST) . $(dir $(PLUGIN_PROJECTS))
+	rm -rf build $(addsuffix build,$(dir $(PLUGIN_PROJECTS)))  # setuptools' scratch space
+	@ls -1 $(DIST)
 
 # mypy's configured files are the package; the benchmark, scripts and integration tests are
 # checked too because they are the package's first users.
@@ -75,4 +84,4 @@ bench-full: system venv
 	$(BIN)/python bench/startup/run.py --grid full -n 5 --images busybox,python,python-big,gcc $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DIST) .pytest_cache .mypy_cache .ruff_cache

@@ -40,6 +40,7 @@ from nydus_core.cli.lifecycle import AUTO, RunningSnapshotter
 from nydus_core.config import DaemonConfig, LogConfig, SnapshotterConfig, SystemConfig
 from nydus_core.plugins import NydusPluginManager, build_plugin_manager
 from nydus_core.testing.client import SnapshotterClient
+from nydus_core.testing.cri import cri_api  # noqa: F401  (fixture)
 from nydus_core.testing.services import *  # noqa: F403
 from nydus_core.testing.services import unmount_below
 

@@ -571,14 +571,16 @@ class NydusSnapshotter:
     def __init__(self, workdir: Path, address: Path, root: Path | None = None,
                  extra_args: Sequence[str] = (), log_level: str = "debug",
                  env: Mapping[str, str] | None = None, system_address: Path | None = None,
-                 config_extra: str = ""):
+                 config_extra: str = "", executable: str | None = None):
         """`env` is added to this process's environment (e.g. ``DOCKER_CONFIG``); the daemons it
         spawns inherit it (fault injection such as ``NYDUSD_PY_CRASH_ON_READ``).
 
         `system_address` is where the system controller API listens (default
         ``<workdir>/system.sock``, never the machine-wide ``/run/containerd-nydus``); it goes in a
         small ``--config`` file unless `extra_args` bring their own ``--config``; `config_extra` is
-        appended to that file (other sections, e.g. ``[daemon]`` keys that have no flag)."""
+        appended to that file (other sections, e.g. ``[daemon]`` keys that have no flag);
+        `executable` is the ``containerd-nydus-grpc`` to run (default: `snapshotter_executable`)."""
+        self.executable = executable
         self.config_extra = config_extra
         self.system_address = system_address or workdir / "system.sock"
         self.workdir = workdir
@@ -606,7 +608,7 @@ class NydusSnapshotter:
     def argv(self) -> list[str]:
         own_config = [] if "--config" in self.extra_args else ["--config", str(self.config_path)]
         return [
-            snapshotter_executable(),
+            self.executable or snapshotter_executable(),
             *own_config,
             "--root", str(self.root),
             "--address", str(self.address),

@@ -8,10 +8,7 @@ itself (its own socket) which labels it stored.
 
 from __future__ import annotations
 
-import importlib
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -39,30 +36,6 @@ CRI_LABELS = (
     "containerd.io/snapshot/cri.manifest-digest",
     "containerd.io/snapshot/cri.image-layers",
 )
-
-
-@pytest.fixture(scope="module")
-def cri_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    """Generate the CRI stubs from the small proto beside this file (grpcio-tools is a dev dep)."""
-    out = tmp_path_factory.mktemp("cri-stubs")
-    proto_dir = Path(__file__).parent / "cri"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{proto_dir}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(proto_dir / "cri_image.proto"),
-        ],
-        check=True,
-    )
-    sys.path.insert(0, str(out))
-    try:
-        yield importlib.import_module("cri_image_pb2"), importlib.import_module("cri_image_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["annotations-on", "annotations-default-off"])

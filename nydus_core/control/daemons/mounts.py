@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -78,3 +79,24 @@ def umount_tree(path: Path) -> None:
             return
         for m in targets:
             umount(m)
+
+
+MS_RDONLY = 1
+
+
+def mount_erofs(image: Path, target: Path, devices: list[Path] | None = None) -> None:
+    """mount(2) an EROFS image file read-only at `target`, file-backed (Linux 6.12+: no loop
+    device), with one ``device=`` per extra device (a RAFS v6 bootstrap's blobs) in slot order.
+
+    The kernel is the judge of the image; its refusal is an `OSError` with the kernel's last words
+    (dmesg), because ``EINVAL`` alone says nothing about which superblock field it disliked.
+    """
+    opts = ",".join(f"device={d}" for d in devices or [])
+    target.mkdir(parents=True, exist_ok=True)
+    source, where = os.fsencode(str(image)), os.fsencode(str(target))
+    rc = _libc.mount(source, where, b"erofs", MS_RDONLY, opts.encode() or None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        tail = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout.splitlines()[-3:]
+        raise OSError(err, f"mount -t erofs {image} {target} ({opts or 'no devices'}): {os.strerror(err)}; "
+                           f"kernel: {' | '.join(tail)}")  # fmt: skip

@@ -32,6 +32,7 @@ from nydus_core.records import BlobDecoder
 log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY_IO = 1 << 20
+EROFS_BLOCK = 4096
 MAX_GAP = 4096  # bytes between two chunks in the blob that an amplified read may skip over
 
 
@@ -114,6 +115,9 @@ class BlobCache:
         self.map = ChunkMap(self.data_path + ".chunk_map", count)
         self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         span = max((c.uncompressed_offset + c.uncompressed_size for c in by_index.values()), default=0)
+        # Whole EROFS blocks: the data file doubles as a kernel EROFS device, which reads the last
+        # chunk's block in full (a short file there is EIO).
+        span = -(-span // EROFS_BLOCK) * EROFS_BLOCK
         if os.fstat(self._fd).st_size < span:
             os.ftruncate(self._fd, span)  # sparse: only fetched chunks take space
         self._lock = threading.Lock()

@@ -310,6 +310,15 @@ class RafsInstance:
             t.start()
             self._prefetch_threads.append(t)
 
+    def fetch_all(self) -> None:
+        """Make every chunk of every blob ready in the cache (fetched, decoded, digest-checked):
+        a backend that hands the cache files to the kernel needs them complete, since the kernel
+        reads holes as zeros."""
+        for cache in self.caches:
+            for chunk in sorted(cache.chunks.values(), key=lambda c: c.compressed_offset):
+                if not chunk.flags & CHUNK_FLAG_HOLE and not cache.map.is_ready(chunk.index):
+                    cache.fetch(chunk)
+
     def wait_prefetch(self, timeout: float | None = None) -> None:
         for t in self._prefetch_threads:
             t.join(timeout)

@@ -9,14 +9,12 @@ go unnoticed by the container, and list its daemon and instance again (system co
 
 from __future__ import annotations
 
-import importlib
 import json
 import secrets
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -160,20 +158,6 @@ def test_rpull_with_upstream_read_amplification(e2e_stack: E2EStack, debian_py: 
     _run_ready(e2e_stack, ref, ns)
     _measure("rpull amplify_io=1MiB", e2e_stack, counting_proxy, registry, debian_py, tmp_path,
              max_fraction=0.5)
-
-
-@pytest.fixture(scope="module")
-def cri_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
-    """CRI ImageService stubs generated from the integration tests' small proto."""
-    out = tmp_path_factory.mktemp("cri-stubs")
-    proto_dir = Path(__file__).parent.parent / "integration" / "cri"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out}",
-                    f"--grpc_python_out={out}", str(proto_dir / "cri_image.proto")], check=True)
-    sys.path.insert(0, str(out))
-    try:
-        yield importlib.import_module("cri_image_pb2"), importlib.import_module("cri_image_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
 
 
 def test_cri_pull_then_run(e2e_stack: E2EStack, debian_py: DebianImage, counting_proxy: FaultyProxy,
