@@ -5,7 +5,7 @@ The daemon runs as the snapshotter runs it: a `DaemonManager` with ``recover_pol
 the recover hook taking the live session over -- from a warm standby (``failover_standby =
 true``) or from a daemon spawned after the death (``cold``). Readers run in a separate process,
 as a container would (a process that holds files on the mount must not be the one that spawns
-daemons, see tests/fuse/failover_reader.py):
+daemons, see plugins/fuse/tests/failover_reader.py):
 
 * one keeps a big file open and reads it whole in 1 MiB ``pread`` calls, dropping its page cache
   before every pass (so the daemon serves every byte), checking the bytes;

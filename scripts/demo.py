@@ -30,6 +30,7 @@ from nydus_core.testing.services import (
     BUSYBOX_LAYER2_TEXT,
     BUSYBOX_LAYER3_FILE,
     BUSYBOX_LAYER3_TEXT,
+    PLAIN_HTTP_NYDUSD_TEMPLATE,
     ServiceError,
     ServiceStack,
     build_busybox_image,
@@ -45,23 +46,10 @@ def on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"demo interrupted by signal {signum}")
 
 
-#: The nydusd JSON template a user writes for a plain-http registry such as this demo's.
-NYDUSD_TEMPLATE = {
-    "device": {
-        "backend": {"type": "registry", "config": {"scheme": "http", "timeout": 10, "retry_limit": 2}},
-        "cache": {"type": "blobcache", "config": {"work_dir": ""}},
-    },
-    "mode": "direct",
-    "digest_validate": True,
-    "enable_xattr": True,
-    "fs_prefetch": {"enable": False},
-}
-
-
 def run_demo(keep: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="nydus-demo-") as tmp:
         template = Path(tmp) / "nydusd-config.json"
-        template.write_text(json.dumps(NYDUSD_TEMPLATE, indent=1))
+        template.write_text(json.dumps(PLAIN_HTTP_NYDUSD_TEMPLATE, indent=1))
         return _run_demo(keep, template)
 
 

@@ -64,6 +64,7 @@ from nydus_core.plugins import NydusPluginManager, build_plugin_manager
 from nydus_core.records import BackendRecord
 from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.services import (
+    PLAIN_HTTP_NYDUSD_TEMPLATE,
     Containerd,
     Registry,
     ServiceError,
@@ -76,19 +77,6 @@ SNAPSHOTTER = "nydus"  # the proxy plugin's name: containerd and ctr-remote call
 BIG_FILE = "data/big.bin"
 BIG_SIZE = 3 * (1 << 20) + 123  # across chunk boundaries, not a multiple of a block
 MTIME = 1_700_000_000
-
-#: nydusd JSON template for daemon backends: the local registry speaks plain http.
-NYDUSD_TEMPLATE: dict[str, Any] = {
-    "device": {
-        "backend": {"type": "registry", "config": {"scheme": "http", "timeout": 10, "retry_limit": 2}},
-        "cache": {"type": "blobcache", "config": {"work_dir": ""}},
-    },
-    "mode": "direct",
-    "digest_validate": True,
-    "enable_xattr": True,
-    "fs_prefetch": {"enable": False},
-}
-
 
 # --------------------------------------------------------------------------------------------
 # The test image
@@ -361,7 +349,7 @@ class BackendConformance:
         """The snapshotter configuration: this backend, a nydusd template for the local plain-http
         registry (daemon backends read it), logs to stdout, no system socket."""
         template = root / "nydusd-config.json"
-        template.write_text(json.dumps(NYDUSD_TEMPLATE))
+        template.write_text(json.dumps(PLAIN_HTTP_NYDUSD_TEMPLATE))
         beside = Path(sys.executable).with_name("nydusd-py")
         program = str(beside) if beside.exists() else "nydusd-py"
         return SnapshotterConfig(

@@ -1,6 +1,6 @@
 """Realistic test images: Debian bookworm minbase plus some packages (python3 by default), cached.
 
-Used by tests/e2e (the python image) and by the startup benchmark in bench/startup (python,
+Used by plugins/fuse/tests/e2e (the python image) and by the startup benchmark in bench/startup (python,
 python-big, gcc).
 
 Building it needs debootstrap and Debian's mirror (deb.debian.org), which CI machines reach. The

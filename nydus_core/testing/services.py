@@ -540,6 +540,20 @@ class Containerd:
         unmount_below(self.workdir)
 
 
+#: The nydusd JSON template a user writes for a plain-http registry such as the test registry
+#: (``[daemon] nydusd_config``): registry backend, verified chunks, xattrs, no prefetch.
+PLAIN_HTTP_NYDUSD_TEMPLATE: dict[str, Any] = {
+    "device": {
+        "backend": {"type": "registry", "config": {"scheme": "http", "timeout": 10, "retry_limit": 2}},
+        "cache": {"type": "blobcache", "config": {"work_dir": ""}},
+    },
+    "mode": "direct",
+    "digest_validate": True,
+    "enable_xattr": True,
+    "fs_prefetch": {"enable": False},
+}
+
+
 def purge_backends(root: Path) -> None:
     """`Backend.purge` of every installed backend for `root` (errors are printed, not raised)."""
     from nydus_core.plugins import build_plugin_manager

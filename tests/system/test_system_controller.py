@@ -3,7 +3,7 @@
 What containerd-less checks can pin: the socket is private (0600), the endpoints answer with
 upstream's JSON shapes, unknown and unimplemented paths are told apart, ``[system] enable =
 false`` means no socket, and a stale socket left by a crash is replaced. Daemons and instances
-in the listing are covered end to end in ``tests/e2e`` (they need containerd and FUSE).
+in the listing are covered end to end in ``plugins/fuse/tests/e2e`` (they need containerd and FUSE).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_unknown_and_unimplemented_paths(snap: NydusSnapshotter) -> None:
 def test_upgrade_request_errors(snap: NydusSnapshotter, workdir: Path) -> None:
     """``PUT /api/v1/daemons/upgrade`` refuses a bad body or program (400) and, under the default
     ``recover_policy = "restart"``, any upgrade (412: no supervisor holds the sessions). The happy
-    path and failing programs are in tests/fuse/test_hot_upgrade.py (real daemons, root)."""
+    path and failing programs are in plugins/fuse/tests/test_hot_upgrade.py (real daemons, root)."""
     program = workdir / "nydusd-next"
     program.write_text("#!/bin/sh\nexit 0\n")
     program.chmod(0o755)
@@ -128,7 +128,7 @@ def test_disabled_means_no_socket(workdir: Path) -> None:
 
 
 def test_nydusctl_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
-    """The happy path (info and metrics of a live daemon) runs in tests/e2e."""
+    """The happy path (info and metrics of a live daemon) runs in plugins/fuse/tests/e2e."""
     sock = tmp_path / "api.sock"
     proc = subprocess.run([sys.executable, "-m", "nydus_core.cli.nydusctl", "--sock", str(sock), "info"],
                           capture_output=True, text=True, timeout=30, check=False)
