@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """`hookimpl` on first use: importing the package must stay cheap, because `nydusd-py` (whose
-    start-up is the pause a failover costs) imports it and needs no pluggy."""
+    """`hookimpl` on first use: importing the package must stay cheap, because every daemon
+    program imports it (``nydusd-py``'s start-up is the pause a cold failover costs); a daemon
+    meets pluggy only in the thread that finds its blob decoders."""
     if name == "hookimpl":
         from nydus_core.hookspecs import hookimpl
 
