@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nydus_fuse.daemon.journal import DEFAULT_LIMIT, Journal, judge
+from nydus_fuse.daemon.journal import DEFAULT_LIMIT, Journal, acquit, judge
 
 POISON = ("read", 7)
 INNOCENT = ("read", 3)
@@ -57,3 +57,23 @@ def test_journal_is_cleared_by_the_judge(tmp_path: Path) -> None:
         assert journal.entries() == []
     finally:
         journal.close()
+
+
+def test_a_read_in_flight_at_every_death_is_acquitted_in_between(tmp_path: Path) -> None:
+    """The container that reads a big file in a loop has a read of it in flight at every kill -9
+    of an operator (20 kills in the failover test). Each replacement runs it as a suspect, alone;
+    it completes, so it is acquitted (count reset), and it is never poisoned however many kills
+    follow. Without the acquittal its count piled up and the third kill made it EIO for good."""
+    counts = str(tmp_path / "j.poison.json")
+    for _ in range(3 * DEFAULT_LIMIT):
+        _die_with(tmp_path, INNOCENT)
+        poisoned, suspects = _takeover(tmp_path)
+        assert poisoned == set() and suspects == {INNOCENT}
+        acquit(counts, *INNOCENT)  # the suspect ran alone in the new daemon and completed
+    # a request that really kills every daemon is never acquitted: it reaches the limit alone
+    for _ in range(DEFAULT_LIMIT):
+        _die_with(tmp_path, POISON, INNOCENT)
+        poisoned, suspects = _takeover(tmp_path)
+        acquit(counts, *INNOCENT)
+    assert poisoned == {POISON} and INNOCENT not in poisoned
+    acquit(str(tmp_path / "missing.json"), *INNOCENT)  # no counts yet: nothing to do

@@ -32,7 +32,7 @@ import trio
 from nydus_core.data.rafs.erofs import Inode
 from nydus_core.data.runtime.instance import RafsInstance
 from nydus_core.data.runtime.state import DaemonRuntime
-from nydus_fuse.daemon.journal import Journal
+from nydus_fuse.daemon.journal import Journal, acquit
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ def guarded(op: str) -> Callable[[F], F]:
                 if (op, ino) in self.suspects:  # one at a time, so a death blames only one (journal.py)
                     async with self.suspect_lock:
                         result = await run(self, op, ino, args)
-                    self.suspects.discard((op, ino))  # it ran alone and we live: innocent
+                    if (op, ino) in self.suspects:  # it ran alone and we live: innocent
+                        self.suspects.discard((op, ino))
+                        if self.counts_path:
+                            acquit(self.counts_path, op, ino)
                     return result
             return await run(self, op, ino, args)
 
@@ -115,6 +118,7 @@ class NydusFS(pyfuse3.Operations):
         self.journal: Journal | None = None
         self.poisoned: set[tuple[str, int]] = set()
         self.suspects: set[tuple[str, int]] = set()
+        self.counts_path = ""  # where the journal's counts live (journal.acquit), when supervised
         self.suspect_lock = trio.Lock()
         # Fault injection for the crash-loop tests: reading this inode kills the daemon.
         self.crash_ino: int | None = None

@@ -13,8 +13,10 @@ Keys are coarse on purpose: (op, inode) needs no request payload, and for ``read
 the file. Innocent requests in flight beside the poison are charged too, so the daemon runs
 *suspects* (keys charged at the last death but not poisoned) one at a time, and records a suspect
 in the journal only once it runs: at the next death exactly one suspect is charged again, the
-others drop back to zero, and a suspect that completes is cleared. A poison request therefore
-reaches `limit` alone, while an innocent one in flight beside it is never charged twice in a row.
+others drop back to zero, and a suspect that completes is acquitted: dropped from the suspects and
+its count in the JSON file reset (`acquit`). A poison request therefore reaches `limit` alone;
+an innocent one -- also one that is in flight at every death, like the read of a big file a
+container reads in a loop -- is never charged twice without having been acquitted in between.
 """
 
 from __future__ import annotations
@@ -117,3 +119,24 @@ def judge(
         log.warning("requests in flight at the last death(s), with counts: %s; answered EIO from now on: %s; "
                     "run one at a time: %s", counts, sorted(poisoned), sorted(suspects))  # fmt: skip
     return poisoned, suspects
+
+
+def acquit(counts_path: str, op: str, ino: int) -> None:
+    """A suspect ran alone and completed: reset its count, so a later death starts it from zero.
+
+    Without this a request that is in flight at every death (a file read in a loop) piles up
+    counts across deaths it did not cause and is poisoned at the third one.
+    """
+    key = f"{op}:{ino}"
+    try:
+        with open(counts_path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(doc, dict) or key not in doc:
+        return
+    del doc[key]
+    tmp = counts_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, counts_path)

@@ -216,7 +216,7 @@ def serve_supervised(args: argparse.Namespace, runtime: DaemonRuntime, ctl: Cont
     # (a warm standby waits below): the pause of a failover is only what follows `start`.
     fs = NydusFS(runtime, threads=args.thread_num)
     stem = os.path.splitext(args.supervisor)[0]
-    counts = stem + ".poison.json"
+    counts = fs.counts_path = stem + ".poison.json"
     try:
         fs.journal = Journal(stem + ".inflight")
     except OSError as e:
