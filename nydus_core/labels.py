@@ -42,6 +42,23 @@ UNCOMPRESSED = "containerd.io/uncompressed"
 
 # containerd refuses a label whose key and value together exceed this many bytes.
 MAX_LABEL_BYTES = 4096
+_KEY_SHOWN = 64  # containerd cuts the key to this in its message
+
+
+def validate(labels: Mapping[str, str]) -> None:
+    """Refuse labels as containerd's metadata store does: key and value together at most
+    `MAX_LABEL_BYTES` bytes (UTF-8); and an empty key, which no client means to send."""
+    from nydus_core.errors import InvalidArgument
+
+    for key, value in labels.items():
+        if not key:
+            raise InvalidArgument("label key must not be empty")
+        total = len(key.encode()) + len(value.encode())
+        if total > MAX_LABEL_BYTES:
+            raise InvalidArgument(
+                f"label key and value length ({total} bytes) greater than maximum size "
+                f"({MAX_LABEL_BYTES} bytes), key: {key[:_KEY_SHOWN]}"
+            )
 
 
 def image_ref(labels: Mapping[str, str]) -> str | None:

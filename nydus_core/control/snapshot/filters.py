@@ -17,14 +17,22 @@ Matching follows containerd's adaptor for snapshot infos: fields ``kind`` (``act
 ``committed``), ``name``, ``parent`` and ``labels.<key>`` (the rest of the path joined with
 dots, so ``labels."a.b/c"`` and ``labels.a`` both work). ``==`` needs the field present,
 ``!=`` compares the value (an absent field counts as ""), ``~=`` is an unanchored regexp search.
+
+Regular expressions have containerd's semantics, RE2 (Go's ``regexp``), through the linear-time
+RE2 engine (``google-re2``): a pattern RE2 refuses -- backreferences, lookarounds, possessive
+repetition -- is `InvalidArgument`, as containerd answers, and no pattern can make a search take
+more than time linear in the label value (Python's backtracking ``re`` took seconds on
+``(a+)+$``, holding the GIL against every other call). Filters are bounded too: `MAX_FILTERS`
+strings of at most `MAX_FILTER_CHARS` characters.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
+import re2
 
 from nydus_core.control.snapshot.model import Info, Kind
 from nydus_core.errors import InvalidArgument
@@ -34,6 +42,28 @@ _KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "commit
 _QUOTES = '"/|'
 _OPERATOR_CHARS = "=!~"
 _OPERATORS = ("==", "!=", "~=")
+MAX_FILTERS = 64
+MAX_FILTER_CHARS = 4096
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is an answer to the client, not a log line
+_RE2_OPTIONS.max_mem = 8 << 20  # the compiled program's memory, whatever the pattern
+
+
+class Searcher(Protocol):
+    def search(self, text: str) -> Any: ...
+
+
+def compile_regexp(pattern: str) -> Searcher:
+    """An RE2 pattern; `ValueError` with RE2's reason when RE2 refuses it."""
+    try:
+        compiled: Searcher = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+        raise ValueError(text) from None
+    return compiled
+
+
 _GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 
 
@@ -44,7 +74,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: str  # "" for presence
     value: str = ""
-    regexp: re.Pattern[str] | None = None
+    regexp: Searcher | None = None
 
     def matches(self, info: Info) -> bool:
         value, present = field_of(info, self.fieldpath)
@@ -94,8 +124,14 @@ def field_of(info: Info, fieldpath: Sequence[str]) -> tuple[str, bool]:
 
 def parse(filters: Sequence[str]) -> Callable[[Info], bool]:
     """Parse the ``filters`` strings of a List request; a syntax error is `InvalidArgument`."""
+    if len(filters) > MAX_FILTERS:
+        raise InvalidArgument(f"{len(filters)} filters, at most {MAX_FILTERS} are accepted")
     groups = []
     for text in filters:
+        if len(text) > MAX_FILTER_CHARS:
+            raise InvalidArgument(
+                f"a filter of {len(text)} characters; at most {MAX_FILTER_CHARS} are accepted"
+            )
         group = _Parser(text).parse()
         if not group:
             # containerd: an empty filter string always matches, which makes the OR true.
@@ -156,9 +192,9 @@ class _Parser:
         regexp = None
         if op == "~=":
             try:
-                regexp = re.compile(value)
-            except re.error as exc:
-                raise self.fail(f"bad regular expression {value!r}: {exc}") from None
+                regexp = compile_regexp(value)
+            except ValueError as exc:
+                raise self.fail(f"bad regular expression {value!r} (RE2 syntax): {exc}") from None
         return Selector(tuple(path), op, value, regexp)
 
     def field(self) -> str:

@@ -32,6 +32,24 @@ MAX_MESSAGE = 64 * 1024 * 1024
 _umask_lock = threading.Lock()
 
 
+class OneLineGrpcErrors(logging.Filter):
+    """grpc logs a request it cannot even decode ("Exception deserializing message!") with a full
+    traceback, once per request: a client sending garbage would flood the log. The caller gets
+    its status either way; the log keeps one line with the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_ONE_LINE = OneLineGrpcErrors()
+
+
 class RunningServer:
     """A started gRPC server bound to a unix socket."""
 
@@ -57,6 +75,9 @@ class RunningServer:
 
 def serve(snapshotter: Snapshotter, address: Path, uid: int = 0, gid: int = 0) -> RunningServer:
     """Listen on ``unix://<address>`` and serve `snapshotter` from a thread pool."""
+    for name in ("grpc._common", "grpc._server"):
+        if _ONE_LINE not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_ONE_LINE)
     address = Path(address).absolute()
     if not address.parent.exists():
         address.parent.mkdir(mode=0o700, parents=True)

@@ -26,6 +26,9 @@ from nydus_core.errors import SnapshotterError, status_code
 log = logging.getLogger(__name__)
 
 LIST_BATCH = 100
+# containerd's gRPC messages are limited to 16 MiB: a batch is also cut at this many bytes, so
+# snapshots with large labels never make a List fail with RESOURCE_EXHAUSTED.
+LIST_BATCH_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -62,6 +65,23 @@ def info_from_proto(msg: pb.Info) -> Info:
 def mounts_to_proto(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
             for m in mounts]
+
+
+def list_batches(infos: Iterable[Info]) -> Iterator[pb.ListSnapshotsResponse]:
+    """`infos` in messages of at most `LIST_BATCH` entries and about `LIST_BATCH_BYTES` bytes
+    (containerd's adaptor cuts at 100; the byte bound is ours)."""
+    batch: list[pb.Info] = []
+    size = 0
+    for info in infos:
+        msg = info_to_proto(info)
+        n = msg.ByteSize()
+        if batch and (len(batch) >= LIST_BATCH or size + n > LIST_BATCH_BYTES):
+            yield pb.ListSnapshotsResponse(info=batch)
+            batch, size = [], 0
+        batch.append(msg)
+        size += n
+    if batch:
+        yield pb.ListSnapshotsResponse(info=batch)
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
@@ -118,8 +138,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[Any]:
         infos = self._call(context, "List", lambda: self.sn.list(list(request.filters)))
-        for start in range(0, len(infos), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[info_to_proto(i) for i in infos[start : start + LIST_BATCH]])
+        yield from list_batches(infos)
 
     def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> Any:
         usage = self._call(context, "Usage", lambda: self.sn.usage(request.key))

@@ -333,6 +333,7 @@ class Snapshotter:
                 self._inflight.discard(tmp.name)
 
     def _prepare_or_view(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        L.validate(labels)
         links: list[ChainLink] = []
         gen = self._mount_gen
         snap = self._create(kind, key, parent, labels, links)
@@ -369,6 +370,7 @@ class Snapshotter:
         raise AlreadyExists(f'target snapshot "{target}": already exists')
 
     def _commit(self, name: str, key: str, labels: dict[str, str], remote: bool) -> Info:
+        L.validate(labels)
         rec = self.ms.get(key)
         usage = disk_usage(self._upper(rec.id)) if rec.info.kind == Kind.ACTIVE else Usage()
         try:
@@ -458,6 +460,7 @@ class Snapshotter:
         return self.ms.get(key).info
 
     def update(self, info: Info, paths: list[str] | tuple[str, ...] = ()) -> Info:
+        L.validate(info.labels)
         try:
             return self.ms.update(info, list(paths))
         finally:
