@@ -260,12 +260,34 @@ class BackendRecord:
 # --------------------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class FormatContext:
+    """What the snapshotter hands an image format when it starts (`ImageFormat.open`).
+
+    :param root: the snapshotter root directory.
+    :param config: the configuration in force (plugin options included).
+    :param hooks: the typed hook caller (``hooks.credentials(...)`` for registry credentials, as a
+        format that reads layers from the registry needs).
+    """
+
+    root: Path
+    config: SnapshotterConfig
+    hooks: TypedHooks
+
+
 class ImageFormat:
     """How one image format is detected and found as a RAFS v6 bootstrap.
 
     Formats are asked in `FormatRecord.priority` order (highest first; ties by name); the first
     answer that is not ``None`` wins.
     """
+
+    ctx: FormatContext
+
+    def open(self, ctx: FormatContext) -> None:
+        """Called once when the snapshotter starts, for an enabled format, before any other
+        method but `enabled`."""
+        self.ctx = ctx
 
     def enabled(self, config: SnapshotterConfig) -> bool:
         """Whether the configuration switches this format on (``[experimental] enable_stargz``,

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backend serving lazily pulled images (upstream's: {', '.join(FS_DRIVERS)}; "
                         "see --list-plugins for the installed ones)")  # fmt: skip
     p.add_argument("--recover-policy", choices=RECOVER_POLICIES)
+    p.add_argument("--enable-stargz", action="store_true",
+                   help="serve eStargz layers lazily ([experimental] enable_stargz; "
+                        "needs nydus-core[stargz])")  # fmt: skip
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument(
         "--log-to-stdout",
@@ -110,6 +113,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.log_to_stdout:
         overrides["log.log_to_stdout"] = True
+    if args.enable_stargz:
+        overrides["experimental.enable_stargz"] = True
     return overrides
 
 
@@ -226,6 +231,10 @@ def _serve_until(
     for failed in pm.failed:
         log.error("plugin not loaded: %s", failed.error)
     log.info("backends installed: %s", ", ".join(sorted(pm.registry.backends)) or "none")
+    if config.experimental.enable_stargz and "estargz" not in pm.registry.formats:
+        log.warning("[experimental] enable_stargz is set but no installed plugin provides the estargz "
+                    "format: eStargz layers are pulled as plain OCI layers; "
+                    "pip install 'nydus-core[stargz]'")  # fmt: skip
 
     running = RunningSnapshotter.start(config, pm, liveness_interval=LIVENESS_INTERVAL)
     controller = _start_system_controller(config, running.images)

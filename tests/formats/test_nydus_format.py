@@ -138,3 +138,37 @@ def test_format_enabled(snapshotter: Any, nydus_config: SnapshotterConfig) -> No
     with pytest.raises(grpc.RpcError) as exc:
         on.prepare("extract-2", labels={L.TARGET_SNAPSHOT_REF: "sha256:l2"})
     assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS and asked == ["extract-2"]
+
+
+def test_format_open_gets_the_context_and_claims_see_the_chain(
+    snapshotter: Any, snapshotter_root: Path
+) -> None:
+    """An enabled format is opened once with root, config and hooks before it is asked, and a
+    claimed layer's `Layer.chain` holds its committed parents nearest first."""
+    opened: list[Any] = []
+    chains: list[list[str]] = []
+
+    class Opened(ImageFormat):
+        def open(self, ctx: Any) -> None:
+            super().open(ctx)
+            opened.append(ctx)
+
+        def claim_layer(self, layer: Layer, config: SnapshotterConfig) -> LayerClaim | None:
+            assert opened, "claim_layer before open"
+            chains.append([c.name for c in layer.chain])
+            return LayerClaim(format="opened", labels={"x-claimed": "1"})
+
+    class Plugin:
+        @hookimpl
+        def nydus_formats(self) -> list[FormatRecord]:
+            return [FormatRecord(name="opened", format=Opened(), priority=1000)]
+
+    sn = snapshotter(Plugin())
+    assert len(opened) == 1
+    ctx = opened[0]
+    assert ctx.root == Path(sn.root) and ctx.config is sn.config and callable(ctx.hooks.credentials)
+    for i, parent in enumerate(["", "sha256:c1"], start=1):
+        with pytest.raises(grpc.RpcError):
+            sn.prepare(f"extract-{i}", parent=parent, labels={L.TARGET_SNAPSHOT_REF: f"sha256:c{i}"})
+    assert chains == [[], ["sha256:c1"]]
+    assert len(opened) == 1

@@ -33,6 +33,7 @@ RECORD_TYPES = [
     "BackendContext",
     "Backend",
     "FormatRecord",
+    "FormatContext",
     "ImageFormat",
     "DecoderRecord",
     "BlobDecoder",

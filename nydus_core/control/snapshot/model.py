@@ -99,6 +99,7 @@ class Layer:
     labels: dict[str, str]
     snapshot_id: str
     upper: Path
+    chain: tuple[ChainEntry, ...] = ()  # the committed parents, nearest first
 
 
 @attrs.frozen
@@ -129,7 +130,9 @@ class ImageSource:
     `meta_id` is the snapshot id of the layer holding the bootstrap; one RAFS instance serves all
     containers on that meta snapshot. `bootstrap` is the RAFS v6 (or v5) bootstrap file.
     `backend` names the backend record that must serve it when the format needs a particular one
-    (tarfs: ``blockdev``); empty means the configured ``[daemon] fs_driver``.
+    (tarfs: ``blockdev``); empty means the configured ``[daemon] fs_driver``. `covers` are the
+    ids of the parent snapshots the image replaces in the overlay (the others stay lower dirs
+    where they are); ``None`` means every parent, as for a nydus image.
     """
 
     format: str
@@ -138,6 +141,7 @@ class ImageSource:
     image_ref: str
     labels: dict[str, str] = attrs.field(factory=dict)
     backend: str = ""
+    covers: tuple[str, ...] | None = None
 
 
 @attrs.frozen

@@ -72,14 +72,28 @@ def image_mounts(request: MountRequest, config: SnapshotterConfig) -> list[Mount
         options += [f"workdir={request.work}", f"upperdir={request.upper}"]
     lowers: list[str] = []
     cm = config.experimental
-    if (cm.enable_referrer_detect or cm.enable_index_detect) and request.image is not None:
+    covers = request.image.covers if request.image is not None else None
+    if covers is not None:
+        # The image replaces only the parents it covers (an eStargz run between plain layers).
+        placed = False
+        for lower in request.lowers:
+            if lower.parent.name not in covers:
+                lowers.append(str(lower))
+            elif not placed:
+                lowers.append(str(request.image_mountpoint))
+                placed = True
+        if not placed:
+            lowers.append(str(request.image_mountpoint))
+    elif (cm.enable_referrer_detect or cm.enable_index_detect) and request.image is not None:
         # Parent layers above the meta snapshot are not part of the bootstrap: keep them on top.
         meta = request.image.meta_id
         for lower in request.lowers:
             if lower.parent.name == meta:
                 break
             lowers.append(str(lower))
-    lowers.append(str(request.image_mountpoint))
+        lowers.append(str(request.image_mountpoint))
+    else:
+        lowers.append(str(request.image_mountpoint))
     if request.kind == Kind.VIEW:
         lowers.append(str(request.upper))
     options.append("lowerdir=" + ":".join(lowers))

@@ -52,6 +52,7 @@ from nydus_core.control.snapshot.model import (
 )
 from nydus_core.errors import AlreadyExists, FailedPrecondition, SnapshotterError
 from nydus_core.plugins import NydusPluginManager
+from nydus_core.records import FormatContext
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ class Snapshotter:
         self.hooks = pm.typed
         # Enabled formats, highest priority first: fixed for the life of the process.
         self.formats = pm.registry.ordered_formats(config)
+        for fmt in self.formats:
+            fmt.format.open(FormatContext(root=Path(root), config=config, hooks=pm.typed))
         self.images = images
         self.paths = SnapshotPaths(self.root)
         self.snapshots_dir = self.root / "snapshots"
@@ -351,9 +354,13 @@ class Snapshotter:
 
     def _maybe_claim(self, key: str, parent: str, labels: dict[str, str], snap: Snapshot) -> None:
         target = labels[L.TARGET_SNAPSHOT_REF]
+        chain = tuple(
+            ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self._upper(c.id))
+            for c in (self.ms.chain(key) if parent else [])
+        )
         layer = Layer(
             key=key, parent=parent, target=target, labels=dict(labels),
-            snapshot_id=snap.id, upper=self._upper(snap.id),
+            snapshot_id=snap.id, upper=self._upper(snap.id), chain=chain,
         )
         claim: LayerClaim | None = None
         for fmt in self.formats:

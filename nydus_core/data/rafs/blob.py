@@ -269,6 +269,7 @@ class BlobChunk:
     uncompressed_offset: int
     uncompressed_size: int
     compressed: bool
+    aux: int = 0  # `ChunkInfo.aux`: format-specific (the inner offset of an eStargz chunk)
 
 
 def pack_ci_v1(c: BlobChunk) -> bytes:

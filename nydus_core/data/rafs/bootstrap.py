@@ -144,7 +144,9 @@ class ChunkInfo:
     uncompressed_offset: int
     file_offset: int
     index: int
-    crc32: int = 0
+    # The u32 after `index`: reserved in RAFS v5, a crc32 in newer nydus (under its chunk flag),
+    # the chunk's offset inside its gzip member in eStargz blobs. Kept as is by merges.
+    aux: int = 0
 
     @classmethod
     def parse(cls, raw: bytes, off: int) -> ChunkInfo:
@@ -153,7 +155,7 @@ class ChunkInfo:
     def pack(self) -> bytes:
         return _CHUNK.pack(self.digest, self.blob_index, self.flags, self.compressed_size,
                            self.uncompressed_size, self.compressed_offset, self.uncompressed_offset,
-                           self.file_offset, self.index, self.crc32)  # fmt: skip
+                           self.file_offset, self.index, self.aux)  # fmt: skip
 
 
 @dataclass(frozen=True)

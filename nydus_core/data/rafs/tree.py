@@ -336,7 +336,18 @@ def tree_from_tar(path: str | os.PathLike[str]) -> Node:
     return root
 
 
-def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, path: str) -> None:
+def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, path: str) -> Node | None:
+    return add_tar_member(root, info, lambda: FileContent(path, info.offset_data, info.size) if temp is None
+                          else SharedFileContent(temp, info.offset_data, info.size))  # fmt: skip
+
+
+def add_tar_member(root: Node, info: tarfile.TarInfo, content: Callable[[], Content | None]) -> Node | None:
+    """Place one tar entry in a layer tree, with tar extraction's semantics and hostile-input checks.
+
+    Other formats that describe a layer as tar entries (an eStargz TOC) build their trees with
+    it. `content` gives a non-empty regular file's bytes. Returns the node made or updated (the
+    root for ``./``), ``None`` for a whiteout, an opaque marker or a hardlink (an existing node).
+    """
     what = f"tar entry {info.name!r}"
     parts = _clean(info.name, what)
     sec, nsec = _mtime(info)
@@ -346,18 +357,18 @@ def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, pa
         if not info.isdir():
             raise RafsError(f"{what}: the root must be a directory")
         _set_meta(root, meta)
-        return
+        return root
     parent = _parent(root, parts[:-1], what)
     name = parts[-1]
     if name == OPAQUE_MARKER:
         parent.opaque = Node(Kind.REG, **meta)  # type: ignore[arg-type]
-        return
+        return None
     if name.startswith(WHITEOUT_PREFIX):
         target = name[len(WHITEOUT_PREFIX) :]
         if not target or target in (b".", b".."):
             raise RafsError(f"{what}: invalid whiteout")
         parent.whiteouts[target] = Node(Kind.REG, **meta)  # type: ignore[arg-type]
-        return
+        return None
     if info.islnk():
         tparts = _clean(info.linkname, f"{what} hardlink target")
         if not tparts:
@@ -371,20 +382,17 @@ def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, pa
         if linked.is_dir:
             raise RafsError(f"{what}: hardlink to a directory")
         parent.entries[name] = linked
-        return
+        return None
     if info.isdir():
         existing = parent.entries.get(name)
         if existing is not None and existing.is_dir:
             _set_meta(existing, meta)  # keep children added before the directory's own entry
-            return
+            return existing
         node = Node(Kind.DIR, **meta)  # type: ignore[arg-type]
     elif info.isreg():
         node = Node(Kind.REG, size=info.size, **meta)  # type: ignore[arg-type]
         if info.size:
-            if temp is None:
-                node.content = FileContent(path, info.offset_data, info.size)
-            else:
-                node.content = SharedFileContent(temp, info.offset_data, info.size)
+            node.content = content()
     elif info.issym():
         target_b = info.linkname.encode("utf-8", "surrogateescape")
         if not target_b or len(target_b) > 4095:
@@ -399,6 +407,7 @@ def _add_tar_member(root: Node, info: tarfile.TarInfo, temp: BinaryIO | None, pa
     else:
         raise RafsError(f"{what}: unsupported tar entry type {info.type!r}")
     parent.entries[name] = node
+    return node
 
 
 def _set_meta(node: Node, meta: dict[str, object]) -> None:
@@ -472,17 +481,22 @@ def _markers_from_dir(node: Node, spelling: str) -> None:
 
 
 # -- overlay merge -------------------------------------------------------------------------------------
-def merge_layers(layers: list[Node]) -> Node:
-    """Merge layer trees bottom-up as overlayfs shows them; the result has no markers left."""
+def merge_layers(layers: list[Node], *, keep_markers: bool = False) -> Node:
+    """Merge layer trees bottom-up as overlayfs shows them; the result has no markers left.
+
+    With `keep_markers` the result is itself a layer that may sit on other layers (eStargz
+    layers above plain ones): whiteouts of names it does not hold and opaque markers stay, so
+    over any lower dirs it shows what the separate layers would.
+    """
     if not layers:
         raise RafsError("no layers to merge")
-    merged = _merge_dir(None, layers[0])
+    merged = _merge_dir(None, layers[0], keep_markers)
     for upper in layers[1:]:
-        merged = _merge_dir(merged, upper)
+        merged = _merge_dir(merged, upper, keep_markers)
     return merged
 
 
-def _merge_dir(lower: Node | None, upper: Node) -> Node:
+def _merge_dir(lower: Node | None, upper: Node, keep: bool = False) -> Node:
     result = upper.copy_meta()
     if lower is not None and upper.opaque is None:
         result.entries = dict(lower.entries)
@@ -491,9 +505,19 @@ def _merge_dir(lower: Node | None, upper: Node) -> Node:
     for name, node in upper.entries.items():
         below = result.entries.get(name)
         if node.is_dir:
-            result.entries[name] = _merge_dir(below if below is not None and below.is_dir else None, node)
+            merged = _merge_dir(below if below is not None and below.is_dir else None, node, keep)
+            if keep and below is not None and not below.is_dir and merged.opaque is None:
+                # A file below hid whatever the layers beneath had at this path; the directory
+                # replacing it must keep hiding it.
+                merged.opaque = Node(Kind.REG)
+            result.entries[name] = merged
         else:
             result.entries[name] = node
+    if keep:
+        result.opaque = upper.opaque or (lower.opaque if lower is not None else None)
+        marks = dict(lower.whiteouts) if lower is not None and upper.opaque is None else {}
+        marks.update(upper.whiteouts)
+        result.whiteouts = {n: m for n, m in marks.items() if n not in result.entries}
     return result
 
 
@@ -573,7 +597,8 @@ def tree_from_bootstrap(bs: Bootstrap, read_file: Callable[[Inode], bytes] | Non
             blob = bs.blobs[ref.blob_index]
             compressed = bool(info.flags & 1)
             chunk = BlobChunk(info.index, info.compressed_offset, info.compressed_size,
-                              info.uncompressed_offset, info.uncompressed_size, compressed)  # fmt: skip
+                              info.uncompressed_offset, info.uncompressed_size, compressed,
+                              info.aux)  # fmt: skip
             out.append(StoredChunk(blob, chunk, info.digest))
         return tuple(out)
 

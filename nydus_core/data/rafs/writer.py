@@ -122,6 +122,7 @@ class BuildOptions:
     prefetch: list[str] = field(default_factory=list)  # paths whose nids go to the prefetch table
     blob_inline_meta: bool = False  # also store the bootstrap in the blob (`image.boot` ToC entry)
     blkszbits: int = BLKBITS  # EROFS block size; 9 for tarfs images (tar payloads are 512-aligned)
+    prefetch_skip_missing: bool = False  # a prefetch path not in the image is skipped, not an error
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -339,8 +340,10 @@ class BootstrapBuilder:
 
     def __init__(self, root: Node, blobs: list[BlobEntry], chunk_size: int, whiteout_spec: str,
                  file_chunks: dict[int, list[tuple[int, _Chunk]]],
-                 prefetch: list[str] | None = None, blkszbits: int = BLKBITS) -> None:  # fmt: skip
+                 prefetch: list[str] | None = None, blkszbits: int = BLKBITS,
+                 prefetch_skip_missing: bool = False) -> None:  # fmt: skip
         self.root = root
+        self.prefetch_skip_missing = prefetch_skip_missing
         self.blkszbits = blkszbits
         self.blksz = 1 << blkszbits
         self.blobs = blobs
@@ -420,6 +423,8 @@ class BootstrapBuilder:
         for want in self.prefetch:
             w = self.by_path.get(want.strip(b"/"))
             if w is None:
+                if self.prefetch_skip_missing:
+                    continue
                 raise RafsError(f"prefetch path {want.decode(errors='replace')} is not in the image")
             prefetch.append(w)
         # As nydus-image does: the meta area starts at the first free block and the root inode one
@@ -480,6 +485,7 @@ class BootstrapBuilder:
                 ch.blob.uncompressed_offset,
                 0,
                 ch.blob.index,
+                ch.blob.aux,
             )
             for bi, ch in distinct.values()
         ]
@@ -627,8 +633,8 @@ def build(root: Node, blob_out: BinaryIO | None, options: BuildOptions | None = 
         ]
 
     def bootstrap_for(table: list[BlobEntry]) -> bytes:
-        return BootstrapBuilder(root, table, opts.chunk_size, opts.whiteout_spec, file_chunks,
-                                opts.prefetch, opts.blkszbits).build()  # fmt: skip
+        return BootstrapBuilder(root, table, opts.chunk_size, opts.whiteout_spec, file_chunks, opts.prefetch,
+                                opts.blkszbits, opts.prefetch_skip_missing).build()  # fmt: skip
 
     new_blob: BlobEntry | None = None
     if writer is not None and writer.chunks:
@@ -682,10 +688,13 @@ def merge_bootstraps(
     blob_digests: list[str] | None = None,
     blob_sizes: list[int] | None = None,
     blob_toc_digests: list[str] | None = None,
+    prefetch_skip_missing: bool = False,
+    keep_markers: bool = False,
 ) -> BuildResult:
     """`nydus-image merge`: layer bootstraps (lowest first) -> one image bootstrap, no data copied.
 
-    OCI whiteouts of each layer are applied; every layer's blob stays a blob-table entry. The
+    OCI whiteouts of each layer are applied (and, with `keep_markers`, kept for the layers the
+    result will be stacked on); every layer's blob stays a blob-table entry. The
     optional lists (one item per layer, each layer having exactly one blob) replace blob ids with
     the OCI layer digests, and fill in the final blob sizes / ToC digests an inlined bootstrap
     could not know.
@@ -713,7 +722,7 @@ def merge_bootstraps(
             if blob_toc_digests is not None:
                 blob.blob_toc_digest = bytes.fromhex(blob_toc_digests[i].removeprefix("sha256:"))
     trees = [tree_from_bootstrap(bs, markers=True) for bs in layers]
-    merged = merge_layers(trees)
+    merged = merge_layers(trees, keep_markers=keep_markers)
     first = next((b for bs in layers for b in bs.blobs), None)
     opts = BuildOptions(
         chunk_size=chunk_size,
@@ -721,6 +730,7 @@ def merge_bootstraps(
         digester=_name_of(DIGESTER_NAMES, first.digest_algo) if first else "blake3",
         whiteout_spec=whiteout_spec,
         prefetch=prefetch or [],
+        prefetch_skip_missing=prefetch_skip_missing,
     )
     return build(merged, None, opts)
 
