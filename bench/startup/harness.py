@@ -5,10 +5,16 @@ with its own root in a fresh temp dir, so no content store, snapshot, blob cache
 survives from the previous sample; the page cache is dropped before it starts. The timed part
 starts at the pull: starting the daemons is not part of a container's startup on a real node.
 
+The Go stargz-snapshotter (``containerd-stargz-grpc``, the peer) is started the same way, fresh
+for every sample, as containerd's proxy plugin ``stargz``; ``SIGINT`` at the end makes it unmount
+its FUSE layers and remove its snapshots, and whatever is still mounted below the sample's
+directory is unmounted before it is deleted.
+
 Phases (HelloBench's): *pull* = ``ctr image pull`` (OCI: download + unpack) or ``ctr-remote image
-rpull`` (lazy formats: manifest + metadata only); *create* = ``ctr container create`` (snapshot
-Prepare; for nydus this mounts the image through a daemon); *run* = ``ctr task start`` until the
-workload is ready (its exit with the expected output, or its first HTTP response).
+rpull`` (lazy formats: manifest + metadata only; for eStargz also each layer's TOC, which the
+snapshotter fetches while the layer's snapshot is prepared); *create* = ``ctr container create``
+(snapshot Prepare; for nydus this mounts the image through a daemon); *run* = ``ctr task start``
+until the workload is ready (its exit with the expected output, or its first HTTP response).
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import grpc
 
+from nydus_core.testing.debian_image import CACHE_DIR
 from nydus_core.testing.proxy import Fault, FaultyProxy
 from nydus_core.testing.services import (
     Containerd,
+    ManagedProcess,
     NydusSnapshotter,
     ServiceError,
     free_tcp_port,
@@ -41,6 +50,24 @@ from nydus_core.testing.services import (
 )
 
 NYDUSD_PY = str(Path(sys.executable).with_name("nydusd-py"))
+
+#: Where ``/work/shared/peers/stargz-grpc/build.sh`` is told to put the peer (``PEER_BIN=...``).
+PEER_BIN_DIR = CACHE_DIR / "peer-bin"
+PEER_BUILD_HINT = (f"build it with `PEER_BIN={PEER_BIN_DIR} bash /work/shared/peers/stargz-grpc/build.sh` "
+                   "or point $STARGZ_GRPC_BIN at a containerd-stargz-grpc")
+#: Our snapshotter's config for the eStargz modes (upstream's key; there is no flag for it).
+ENABLE_STARGZ_TOML = "[experimental]\nenable_stargz = true\n"
+
+
+def peer_binary() -> str | None:
+    """``containerd-stargz-grpc``: $STARGZ_GRPC_BIN, then `PEER_BIN_DIR`, then PATH; None if absent."""
+    override = os.environ.get("STARGZ_GRPC_BIN")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    built = PEER_BIN_DIR / "containerd-stargz-grpc"
+    if os.access(built, os.X_OK):
+        return str(built)
+    return shutil.which("containerd-stargz-grpc")
 
 
 class BenchError(RuntimeError):
@@ -56,7 +83,11 @@ class SnapshotterSpec:
 
     `socket` names an external proxy snapshotter already running on the machine (added to each
     sample's containerd as ``[proxy_plugins.<name>]``; its own state is not wiped between
-    samples); `ours` starts our ``containerd-nydus-grpc`` fresh for every sample.
+    samples); `ours` starts our ``containerd-nydus-grpc`` fresh for every sample (with
+    `stargz`, its eStargz support switched on), `peer` the Go ``containerd-stargz-grpc``.
+    `fmt` picks the image reference (`images.BuiltImage.ref_for`): ``oci``, ``nydus``,
+    ``estargz`` (unoptimized) or ``estargz-opt`` (optimized for the sample's workload).
+    `label` is the mode's name in records and tables.
     """
 
     name: str
@@ -64,26 +95,55 @@ class SnapshotterSpec:
     pull: str = "ctr"  # "ctr": ctr image pull (full); "rpull": ctr-remote image rpull (lazy)
     socket: Path | None = None
     ours: bool = False
+    peer: bool = False
+    stargz: bool = False
+    label: str | None = None
 
     @property
     def mode(self) -> str:
+        if self.label:
+            return self.label
         return self.name if self.ours or self.socket else f"{self.fmt}/{self.name}"
 
 
 BUILTIN_SNAPSHOTTERS = {
     "overlayfs": SnapshotterSpec("overlayfs", "oci", "ctr"),
     "nydus": SnapshotterSpec("nydus", "nydus", "rpull", ours=True),
+    # The Go stargz-snapshotter on the unoptimized and the workload-optimized eStargz image.
+    "stargz-go": SnapshotterSpec("stargz", "estargz", "rpull", peer=True, label="stargz-go"),
+    "stargz-go-opt": SnapshotterSpec("stargz", "estargz-opt", "rpull", peer=True, label="stargz-go-opt"),
+    # Ours ([experimental] enable_stargz = true) on the very same eStargz references.
+    "nydus-estargz": SnapshotterSpec("nydus", "estargz", "rpull", ours=True, stargz=True,
+                                     label="nydus-estargz"),
+    "nydus-estargz-opt": SnapshotterSpec("nydus", "estargz-opt", "rpull", ours=True, stargz=True,
+                                         label="nydus-estargz-opt"),
 }
+#: The peer's modes, in `default_snapshotters` when its binary exists.
+PEER_MODES = ("stargz-go", "stargz-go-opt")
+
+
+def default_snapshotters() -> tuple[list[SnapshotterSpec], str | None]:
+    """overlayfs and nydus, plus the Go peer's modes when `peer_binary` finds it; and a one-line
+    note saying why the peer is left out (``None`` when it is in)."""
+    specs = [BUILTIN_SNAPSHOTTERS["overlayfs"], BUILTIN_SNAPSHOTTERS["nydus"]]
+    if peer_binary() is None:
+        modes = "/".join(PEER_MODES)
+        return specs, f"bench: no containerd-stargz-grpc, so no {modes} modes: {PEER_BUILD_HINT}"
+    return specs + [BUILTIN_SNAPSHOTTERS[m] for m in PEER_MODES], None
 
 
 def parse_snapshotter(text: str) -> SnapshotterSpec:
-    """``overlayfs`` / ``nydus``, or ``name=<n>,socket=<path>,format=<fmt>[,pull=rpull|ctr]``."""
+    """A built-in mode name (`BUILTIN_SNAPSHOTTERS`), or
+    ``name=<n>,socket=<path>,format=<fmt>[,pull=rpull|ctr]``."""
     if "=" not in text:
         try:
-            return BUILTIN_SNAPSHOTTERS[text]
+            spec = BUILTIN_SNAPSHOTTERS[text]
         except KeyError:
             raise BenchError(f"unknown snapshotter {text!r}: use one of {sorted(BUILTIN_SNAPSHOTTERS)} "
                              "or name=<n>,socket=<path>,format=<fmt>[,pull=rpull]") from None
+        if spec.peer and peer_binary() is None:
+            raise BenchError(f"snapshotter {text!r} needs containerd-stargz-grpc: {PEER_BUILD_HINT}")
+        return spec
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
     missing = {"name", "socket", "format"} - fields.keys()
     if missing:
@@ -163,14 +223,86 @@ def _pids_mentioning(text: str) -> list[int]:
     return found
 
 
+#: The peer's config file: its defaults (prefetch and background fetch on; localhost and 127.0.0.1
+#: registries over plain http), written out so a sample's log shows what it ran with.
+PEER_CONFIG_TOML = """\
+# containerd-stargz-grpc (stargz-snapshotter 0.12) with its defaults: prefetch on
+# (noprefetch = false), background fetch on (no_background_fetch = false), no
+# [resolver] entries (localhost / 127.0.0.1 registries are plain http).
+"""
+
+
+class StargzPeer:
+    """``containerd-stargz-grpc --address <sock> --root <dir> --config <toml>`` in `workdir`."""
+
+    def __init__(self, workdir: Path, executable: str, log_level: str = "info") -> None:
+        self.workdir = workdir
+        self.executable = executable
+        self.address = workdir / "stargz.sock"
+        self.root = workdir / "root"
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "stargz-grpc.log"
+        self.log_level = log_level
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start and wait until its gRPC socket accepts a connection."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(PEER_CONFIG_TOML)
+        self._proc = ManagedProcess("containerd-stargz-grpc", [
+            self.executable, "--address", str(self.address), "--root", str(self.root),
+            "--config", str(self.config_path), "--log-level", self.log_level], self.log_path)
+        self._proc.start()
+
+        def ready() -> bool:
+            assert self._proc is not None
+            self._proc.check_running()
+            if not self.address.exists():
+                return False
+            with grpc.insecure_channel(f"unix://{self.address}") as ch:
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                    return True
+                except grpc.FutureTimeoutError:
+                    return False
+
+        try:
+            wait_until(ready, timeout, f"containerd-stargz-grpc on {self.address} (log {self.log_path})",
+                       interval=0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGINT (it unmounts its FUSE layers and removes its snapshots), SIGTERM/SIGKILL after
+        `timeout`; then anything still mounted under its root is unmounted."""
+        proc = self._proc
+        if proc is not None and proc.pid is not None and proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+            deadline = time.monotonic() + timeout
+            while proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if proc is not None:
+            proc.stop()
+        self._proc = None
+        unmount_below(self.workdir)
+
+
 class Sandbox:
-    """A fresh containerd (+ our snapshotter when `spec.ours`) in a new temp dir; all gone on exit."""
+    """A fresh containerd (+ our snapshotter when `spec.ours`, the Go peer when `spec.peer`) in a
+    new temp dir; all gone on exit."""
 
     def __init__(self, spec: SnapshotterSpec, nydusd_config: dict[str, Any]) -> None:
         self.spec = spec
         self.workdir = Path(tempfile.mkdtemp(prefix="nydus-bench-"))  # short: unix socket paths
         sockets: dict[str, Path] = {}
         self.snapshotter: NydusSnapshotter | None = None
+        self.peer: StargzPeer | None = None
         if spec.ours:
             sock = self.workdir / "nydus" / "nydus.sock"
             template = self.workdir / "nydusd-config.json"
@@ -178,8 +310,15 @@ class Sandbox:
             self.snapshotter = NydusSnapshotter(
                 self.workdir / "nydus", sock, log_level="info",
                 extra_args=["--daemon-mode", "dedicated", "--nydusd-path", NYDUSD_PY,
-                            "--nydusd-config", str(template)])
+                            "--nydusd-config", str(template)],
+                config_extra=ENABLE_STARGZ_TOML if spec.stargz else "")
             sockets[spec.name] = sock
+        elif spec.peer:
+            exe = peer_binary()
+            if exe is None:
+                raise BenchError(f"mode {spec.mode} needs containerd-stargz-grpc: {PEER_BUILD_HINT}")
+            self.peer = StargzPeer(self.workdir / "stargz", exe)
+            sockets[spec.name] = self.peer.address
         elif spec.socket is not None:
             sockets[spec.name] = spec.socket
         self.containerd = Containerd(self.workdir / "containerd", sockets,
@@ -187,8 +326,11 @@ class Sandbox:
 
     def __enter__(self) -> Sandbox:
         try:
+            # The snapshotter first: containerd's first dial of a missing socket backs off for seconds.
             if self.snapshotter is not None:
                 self.snapshotter.start()
+            if self.peer is not None:
+                self.peer.start()
             self.containerd.start()
         except BaseException:
             self.stop()
@@ -205,11 +347,14 @@ class Sandbox:
         return [p for p in _pids_mentioning(str(self.snapshotter.root)) if p != self.snapshotter.pid]
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of containerd, the snapshotter and its daemons (not the shims/workload)."""
+        """CPU seconds so far of containerd, the snapshotter and its daemons, or the peer (all its
+        threads: it serves FUSE in-process), not the shims or the workload."""
         out = {"containerd": cpu_seconds(self.containerd._proc.pid if self.containerd._proc else None)}
         if self.snapshotter is not None:
             out["snapshotter"] = cpu_seconds(self.snapshotter.pid)
             out["nydusd"] = sum(cpu_seconds(p) for p in self.daemon_pids())
+        if self.peer is not None:
+            out["stargz-grpc"] = cpu_seconds(self.peer.pid)
         return out
 
     def stop(self) -> None:
@@ -221,6 +366,11 @@ class Sandbox:
         daemons = self.daemon_pids()
         if self.snapshotter is not None:
             self.snapshotter.stop()
+        if self.peer is not None:
+            try:
+                self.peer.stop()
+            except Exception as e:  # teardown goes on
+                print(f"bench: containerd-stargz-grpc stop failed: {e}", file=sys.stderr)
         for pid in daemons:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -392,6 +542,7 @@ def nydusd_template(amplify_io: int) -> dict[str, Any]:
 
 
 __all__ = [
-    "BUILTIN_SNAPSHOTTERS", "WORKLOADS", "BenchError", "Fault", "Sandbox", "SnapshotterSpec", "Workload",
-    "nydusd_template", "parse_snapshotter", "proxy_rtt", "run_sample", "trace_needed", "via_proxy",
+    "BUILTIN_SNAPSHOTTERS", "PEER_BUILD_HINT", "PEER_MODES", "WORKLOADS", "BenchError", "Fault", "Sandbox",
+    "SnapshotterSpec", "StargzPeer", "Workload", "default_snapshotters", "nydusd_template",
+    "parse_snapshotter", "peer_binary", "proxy_rtt", "run_sample", "trace_needed", "via_proxy",
 ]

@@ -1,21 +1,34 @@
-"""The benchmark's images, built offline and pushed to the local registry in OCI and nydus form.
+"""The benchmark's images, built offline and pushed to the local registry in OCI, nydus and eStargz form.
 
 ``busybox`` is the tests' three-layer busybox image; ``python``, ``python-big`` and ``gcc`` are
 Debian bookworm minbase roots with packages (`nydus_core.testing.debian_image`, cached per
 package set under /var/cache/nydus-core-tests). Every image is converted with our ``nydusify``.
+
+When an eStargz mode runs, each Debian image is also converted with Debian's ``ctr-remote``
+(`nydus_core.testing.estargz`, in a containerd of its own): ``:estargz`` (``image convert
+--estargz``, unoptimized) and, per workload of that image, ``:estargz-opt-<workload>`` (``image
+optimize``: the workload is run once and the files it opens go first, behind the prefetch
+landmark, as the stargz project optimizes its images). Conversions are cached under
+``/var/cache/nydus-core-tests/estargz`` (keyed by the root filesystem's layer digests and the
+command), so only the first run pays for them (about 50-60 s each for python).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import socket
 import sys
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
 from nydus_core.testing.debian_image import ImageBuildError, _run, build_debian_py_image
-from nydus_core.testing.services import build_busybox_image
+from nydus_core.testing.estargz import convert_estargz, optimize_estargz
+from nydus_core.testing.services import Containerd, build_busybox_image, free_tcp_port
+from startup.harness import Workload
 
 NYDUSIFY = str(Path(sys.executable).with_name("nydusify"))
 
@@ -33,13 +46,35 @@ _ACCEPT = ", ".join([
 ])
 
 
+#: The port the optimizing run of an ``http`` workload listens on (fixed: it is part of the command,
+#: so of the cache key; a free port replaces it when it is taken).
+OPTIMIZE_HTTP_PORT = 38473
+#: How long ``ctr-remote image optimize`` watches a workload that never exits (``--period``).
+OPTIMIZE_HTTP_PERIOD_S = 8
+#: ... and at most one that exits (it stops at the exit).
+OPTIMIZE_EXIT_PERIOD_S = 300
+
+
+def ref_key(fmt: str, workload: str) -> str:
+    """The `BuiltImage.refs` key of format `fmt` for `workload`: ``estargz-opt`` is per workload."""
+    return f"{fmt}-{workload}" if fmt == "estargz-opt" else fmt
+
+
 @attrs.frozen
 class BuiltImage:
-    """One image in both formats; `refs` maps a format ("oci", "nydus") to a reference."""
+    """One image in several formats; `refs` maps a format ("oci", "nydus", "estargz",
+    "estargz-opt-<workload>") to a reference."""
 
     name: str
     refs: dict[str, str]
     sizes: dict[str, int]  # format -> sum of the manifest's layer sizes (what a full pull downloads)
+
+    def ref_for(self, fmt: str, workload: str) -> str | None:
+        """The reference a mode of format `fmt` pulls for `workload` (None: not built)."""
+        return self.refs.get(ref_key(fmt, workload))
+
+    def size_for(self, fmt: str, workload: str) -> int:
+        return self.sizes[ref_key(fmt, workload)]
 
 
 def manifest_layers(registry_host: str, ref: str) -> list[dict[str, object]]:
@@ -58,8 +93,12 @@ def _size(registry_host: str, ref: str) -> int:
     return sum(int(str(layer["size"])) for layer in manifest_layers(registry_host, ref))
 
 
-def build_image(name: str, workdir: Path, registry_host: str) -> BuiltImage:
-    """Build `name` (one of `ALL_IMAGES`), push it and its nydus conversion to `registry_host`."""
+def build_image(name: str, workdir: Path, registry_host: str,
+                estargz_workloads: Sequence[Workload] | None = None) -> BuiltImage:
+    """Build `name` (one of `ALL_IMAGES`), push it and its nydus conversion to `registry_host`.
+
+    With `estargz_workloads` (Debian images only) also ``:estargz`` and ``:estargz-opt-<w>`` for
+    each of those workloads that runs on `name` (see the module docstring)."""
     if name == "busybox":
         oci = build_busybox_image(workdir / name, registry_host, repo="bench-busybox")
         nydus = oci.rsplit(":", 1)[0] + ":nydus"
@@ -71,4 +110,43 @@ def build_image(name: str, workdir: Path, registry_host: str) -> BuiltImage:
     else:
         raise ImageBuildError(f"unknown image {name!r}; known: {', '.join(ALL_IMAGES)}")
     refs = {"oci": oci, "nydus": nydus}
+    if estargz_workloads is not None and name in DEBIAN_IMAGES:
+        refs.update(build_estargz(oci, workdir / name / "estargz",
+                                  [w for w in estargz_workloads if w.image == name]))
     return BuiltImage(name, refs, {fmt: _size(registry_host, ref) for fmt, ref in refs.items()})
+
+
+def build_estargz(oci_ref: str, workdir: Path, workloads: Sequence[Workload]) -> dict[str, str]:
+    """Push the eStargz forms of `oci_ref` (see the module docstring); format -> reference.
+
+    Runs a containerd of its own (no proxy snapshotter; the optimizing runs use its overlayfs)."""
+    repo = oci_ref.rsplit(":", 1)[0]
+    containerd = Containerd(workdir / "containerd", {}, namespace=f"estargz-{secrets.token_hex(3)}")
+    containerd.start()
+    try:
+        ns = containerd.namespace
+        refs = {"estargz": convert_estargz(containerd, ns, oci_ref, f"{repo}:estargz")}
+        for wl in workloads:
+            dst = f"{repo}:{ref_key('estargz-opt', wl.name)}"
+            if wl.ready == "http":
+                port = OPTIMIZE_HTTP_PORT if _port_free(OPTIMIZE_HTTP_PORT) else free_tcp_port()
+                argv = [a.replace("{port}", str(port)) for a in wl.argv]
+                refs[ref_key("estargz-opt", wl.name)] = optimize_estargz(
+                    containerd, ns, oci_ref, dst, argv, None, period=OPTIMIZE_HTTP_PERIOD_S, net_host=True,
+                    probe_url=f"http://127.0.0.1:{port}/")
+            else:
+                refs[ref_key("estargz-opt", wl.name)] = optimize_estargz(
+                    containerd, ns, oci_ref, dst, list(wl.argv), None, period=OPTIMIZE_EXIT_PERIOD_S)
+            print(f"bench: {dst} ready", file=sys.stderr, flush=True)
+    finally:
+        containerd.stop()
+    return refs
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -49,6 +49,9 @@ def summarize(records: Iterable[dict[str, Any]], traces: dict[str, dict[str, flo
         row["requests_p50"] = percentile([r["requests"] for r in rs], 50)
         for key in sorted({k for r in rs for k in r["cpu_s"]}):
             row[f"cpu_{key}_s_p50"] = percentile([r["cpu_s"].get(key, 0.0) for r in rs], 50)
+        # Everything but containerd: our snapshotter + its nydusd-py daemons, or the Go peer.
+        row["cpu_snapshotter_side_s_p50"] = percentile(
+            [sum(v for k, v in r["cpu_s"].items() if k != "containerd") for r in rs], 50)
         tr = traces.get(wl)
         if tr is not None:
             bps = None if first["mbit"] is None else first["mbit"] * 1e6 / 8
@@ -61,9 +64,11 @@ def summarize(records: Iterable[dict[str, Any]], traces: dict[str, dict[str, flo
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per row: phases p50, e2e p50/p95, registry bytes and requests until ready (p50),
+    the share of the image's layer bytes, snapshotter-side CPU (p50, not containerd's) and the limit."""
     head = ("| network | workload | mode | n | pull | create | run | e2e p50 | e2e p95 | fetched MB "
-            "| of image | requests | limit | x limit |")
-    lines = [head, "|" + "---|" * 14]
+            "| of image | requests | CPU s | limit | x limit |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         frac = r["bytes_p50"] / r["image_bytes"] if r["image_bytes"] else float("nan")
         limit = f"{r['limit_s']:.2f}" if "limit_s" in r else "-"
@@ -72,7 +77,23 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['network']} | {r['workload']} | {r['mode']} | {r['n']} | {r['pull_s_p50']:.2f} "
             f"| {r['create_s_p50']:.2f} | {r['run_s_p50']:.2f} | **{r['e2e_s_p50']:.2f}** "
             f"| {r['e2e_s_p95']:.2f} "
-            f"| {r['bytes_p50'] / 1e6:.1f} | {frac:.1%} | {r['requests_p50']:.0f} | {limit} | {xl} |")
+            f"| {r['bytes_p50'] / 1e6:.1f} | {frac:.1%} | {r['requests_p50']:.0f} "
+            f"| {r.get('cpu_snapshotter_side_s_p50', 0.0):.2f} | {limit} | {xl} |")
+    return "\n".join(lines) + "\n"
+
+
+def failure_lines(failures: Sequence[dict[str, Any]]) -> str:
+    """Markdown lines under the table for the samples that failed, one per (network, workload, mode)
+    with the count and the first line of the first error; empty when nothing failed."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for f in failures:
+        groups[(f["network"], f["workload"], f["mode"])].append(f)
+    if not groups:
+        return ""
+    lines = ["", "Failed samples (not in the table):", ""]
+    for (net, wl, mode), fs in groups.items():
+        first = next((ln for ln in str(fs[0]["error"]).splitlines() if ln.strip()), "?")
+        lines.append(f"- {net} / {wl} / {mode}: {len(fs)} failed: `{first[:240]}`")
     return "\n".join(lines) + "\n"
 
 

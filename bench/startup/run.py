@@ -4,12 +4,19 @@ Usage (as root)::
 
     python bench/startup/run.py                      # quick grid, 3 samples, busybox + python
     python bench/startup/run.py --grid full -n 5 --images busybox,python,python-big,gcc
+    python bench/startup/run.py --images python --workloads python-import,python-http \\
+        --snapshotter overlayfs --snapshotter stargz-go --snapshotter stargz-go-opt --snapshotter nydus
     python bench/startup/run.py --snapshotter overlayfs --snapshotter nydus \\
         --snapshotter name=stargz,socket=/run/stargz/stargz.sock,format=estargz
     python bench/startup/run.py --snapshotter-config my.toml   # [[snapshotter]] name/socket/format/pull
 
-Samples of one network condition run in shuffled order (the bandwidth limit is set once per
-condition); each sample starts from a clean state (see `startup.harness`).
+Modes (``--snapshotter``): overlayfs, nydus, stargz-go, stargz-go-opt (the Go stargz-snapshotter on
+the unoptimized / workload-optimized eStargz image), nydus-estargz, nydus-estargz-opt (ours on the
+same eStargz images). Without ``--snapshotter``: overlayfs, nydus, and the stargz-go modes when
+containerd-stargz-grpc is there. Samples of one network condition run in shuffled order (the
+bandwidth limit is set once per condition); each sample starts from a clean state (see
+`startup.harness`). A sample that fails is reported and recorded with its error, the run goes on,
+and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import tomllib
@@ -28,13 +36,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nydus_core.testing.debian_image import ImageBuildError
+from nydus_core.testing.estargz import EstargzError
 from nydus_core.testing.proxy import FaultyProxy
-from nydus_core.testing.services import Registry
+from nydus_core.testing.services import Registry, ServiceError
 from startup.harness import (
     BUILTIN_SNAPSHOTTERS,
     WORKLOADS,
     BenchError,
     SnapshotterSpec,
+    default_snapshotters,
     nydusd_template,
     parse_snapshotter,
     proxy_rtt,
@@ -43,7 +54,7 @@ from startup.harness import (
     via_proxy,
 )
 from startup.images import ALL_IMAGES, BuiltImage, build_image
-from startup.report import charts, markdown_table, summarize
+from startup.report import charts, failure_lines, markdown_table, summarize
 from startup.shaping import FULL_GRID, QUICK_GRID, UNSHAPED, bandwidth_limit
 
 DEFAULT_WORKLOADS = {
@@ -62,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default="", help=f"comma list (default: all of the images'); "
                    f"known: {','.join(WORKLOADS)}")
     p.add_argument("--snapshotter", action="append", default=[],
-                   help="overlayfs | nydus | name=<n>,socket=<path>,format=<fmt>[,pull=rpull|ctr] (repeat)")
+                   help=f"{' | '.join(BUILTIN_SNAPSHOTTERS)} | "
+                   "name=<n>,socket=<path>,format=<fmt>[,pull=rpull|ctr] (repeat; default: overlayfs, nydus "
+                   "and, when containerd-stargz-grpc is built, stargz-go and stargz-go-opt)")
     p.add_argument("--snapshotter-config", type=Path,
                    help="TOML with [[snapshotter]] name, socket, format, pull")
     p.add_argument("--amplify-io", type=int, default=1 << 20,
@@ -84,7 +97,12 @@ def snapshotters(args: argparse.Namespace) -> list[SnapshotterSpec]:
         for entry in doc.get("snapshotter", []):
             text = ",".join(f"{k}={v}" for k, v in entry.items())
             specs.append(parse_snapshotter(text))
-    return specs or list(BUILTIN_SNAPSHOTTERS.values())
+    if specs:
+        return specs
+    specs, note = default_snapshotters()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return specs
 
 
 def workloads(args: argparse.Namespace, images: list[str]) -> list[str]:
@@ -122,16 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(work / "registry")
     registry.start()
     records: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     traces: dict[str, dict[str, float]] = {}
+    # eStargz images only when a mode pulls them; the optimized ones only when a mode pulls those.
+    estargz_wls = None
+    if any(s.fmt.startswith("estargz") for s in specs):
+        estargz_wls = [WORKLOADS[w] for w in wls] if any(s.fmt == "estargz-opt" for s in specs) else []
     try:
         with FaultyProxy(registry.url, max_concurrency=64) as proxy:
             built: dict[str, BuiltImage] = {}
             for name in images:
                 print(f"bench: building {name} ...", file=sys.stderr, flush=True)
-                built[name] = build_image(name, work / "images", registry.host)
+                built[name] = build_image(name, work / "images", registry.host, estargz_wls)
                 print(f"bench: {name}: {built[name].sizes}", file=sys.stderr, flush=True)
             template = nydusd_template(args.amplify_io)
-            lazy = next((s for s in specs if s.fmt != "oci"), None)
+            # The limit's trace reads with our nydus mode (amplification off) whatever lazy modes run.
+            lazy = BUILTIN_SNAPSHOTTERS["nydus"] if any(s.fmt != "oci" for s in specs) else None
             if not args.no_trace and lazy is not None:
                 for w in wls:
                     img = built[WORKLOADS[w].image]
@@ -141,16 +165,30 @@ def main(argv: list[str] | None = None) -> int:
             with jsonl.open("w") as out:
                 for net in grid:
                     jobs = [(s, w, i) for s in specs for w in wls for i in range(args.samples)
-                            if s.fmt in built[WORKLOADS[w].image].refs]
+                            if built[WORKLOADS[w].image].ref_for(s.fmt, w) is not None]
                     rng.shuffle(jobs)
                     with bandwidth_limit(proxy.port, net.mbit), proxy_rtt(proxy, net.rtt_ms):
                         for spec, w, i in jobs:
                             wl = WORKLOADS[w]
                             img = built[wl.image]
-                            rec = run_sample(spec, via_proxy(img.refs[spec.fmt], proxy), wl, proxy, template)
-                            rec.update(network=net.name, mbit=net.mbit, rtt_ms=net.rtt_ms, workload=w,
-                                       image=wl.image, mode=spec.mode, fmt=spec.fmt, sample=i,
-                                       image_bytes=img.sizes[spec.fmt])
+                            ref = img.ref_for(spec.fmt, w)
+                            assert ref is not None
+                            meta = dict(network=net.name, mbit=net.mbit, rtt_ms=net.rtt_ms, workload=w,
+                                        image=wl.image, mode=spec.mode, fmt=spec.fmt, sample=i,
+                                        image_bytes=img.size_for(spec.fmt, w))
+                            try:
+                                rec = run_sample(spec, via_proxy(ref, proxy), wl, proxy, template)
+                            except (BenchError, ServiceError, EstargzError, ImageBuildError,
+                                    subprocess.TimeoutExpired) as e:
+                                fail = {**meta, "error": str(e)[-3000:]}
+                                failures.append(fail)
+                                out.write(json.dumps(fail) + "\n")
+                                out.flush()
+                                first = next((ln for ln in str(e).splitlines() if ln.strip()), "?")
+                                print(f"bench: {net.name} {w} {spec.mode} #{i}: FAILED: {first[:300]}",
+                                      file=sys.stderr, flush=True)
+                                continue
+                            rec.update(meta)
                             records.append(rec)
                             out.write(json.dumps(rec) + "\n")
                             out.flush()
@@ -164,18 +202,22 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work, ignore_errors=True)
     rows = summarize(records, traces)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + failure_lines(failures)
     header = (f"Measured {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {machine()}; "
               f"{args.samples} sample(s) per cell, grid {args.grid}, "
               f"nydusd-py amplify_io {args.amplify_io}.\n\n")
     (args.out / "summary.md").write_text(header + table)
-    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "traces": traces}, indent=1) + "\n")
+    (args.out / "summary.json").write_text(
+        json.dumps({"rows": rows, "traces": traces, "failures": failures}, indent=1) + "\n")
     print(header + table)
     if not args.no_charts:
-        for path in charts(rows, args.out):
-            print(f"chart: {path}")
+        try:
+            for path in charts(rows, args.out):
+                print(f"chart: {path}")
+        except ImportError as e:  # the table is written; the charts need the bench extra
+            print(f"bench: no charts ({e}): pip install -e '.[bench]' (make bench does)", file=sys.stderr)
     print(f"records: {jsonl}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "dist"
     run(["make", "-s", "-C", str(REPO), "dist", f"DIST={out}"], timeout=900)
     names = sorted(p.name for p in out.iterdir())
-    assert [n.split("-")[0] for n in names] == ["nydus_core", "nydus_fuse"], names
+    assert [n.split("-")[0] for n in names] == ["nydus_core", "nydus_fuse", "nydus_stargz"], names
     return out
 
 
@@ -194,3 +194,14 @@ def test_core_alone_then_the_fuse_extra(
     assert attempts[-1].returncode == 0 and attempts[-1].stdout == "hello from layer1\n", attempts[-1].stderr
     (daemon,) = _daemons(snapshotter)
     assert daemon["fs_driver"] == "fusedev" and os.path.exists(f"/proc/{daemon['pid']}")
+
+    # the [stargz] extra adds the estargz format and its decoder, nothing else
+    run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--find-links", str(wheels), "nydus-core[stargz]"],
+        timeout=900,
+    )
+    rows = [row[:4] for row in _listing(venv) if row[2] == "nydus-stargz"]
+    assert rows == [
+        ["format", "estargz", "nydus-stargz", "0.1.0"],
+        ["decoder", "estargz-gzip", "nydus-stargz", "0.1.0"],
+    ]

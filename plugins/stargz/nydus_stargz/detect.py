@@ -157,16 +157,18 @@ class EstargzFormat(ImageFormat):
                 "layer %s of %s: eStargz probe failed (%s); unpacking it as a plain layer", digest, ref, e
             )
             return None
+        what = f"eStargz layer {digest} of {ref}"
+        want = labels.get(TOC_DIGEST)
         try:
             footer = parse_footer(tail, size)
         except TocError as e:
+            if want:  # the layer says it is eStargz: a missing or cut footer is damage, not a plain layer
+                raise InvalidArgument(f"{what} (labelled {TOC_DIGEST}): {e}") from None
             log.info("layer %s: not eStargz (%s); unpacking it", digest, e)
             return None
-        what = f"eStargz layer {digest} of {ref}"
         try:
             member = self._toc_member(client, digest, size, start, tail, footer)
             toc_file = read_toc_member(member)
-            want = labels.get(TOC_DIGEST)
             if want and want != toc_file.digest:
                 raise InvalidArgument(
                     f"{what}: TOC digest {toc_file.digest} does not match the layer's "

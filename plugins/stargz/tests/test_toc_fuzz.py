@@ -1,0 +1,205 @@
+"""Fuzzing the eStargz parsers with hypothesis: hostile footers, TOC members and TOC JSON.
+
+Whatever the input, the parsers and the TOC-to-bootstrap conversion either succeed or raise
+`TocError` (the plugin's own error type, which the format turns into InvalidArgument); nothing
+else may escape. ``NYDUS_FUZZ_EXAMPLES`` scales the runs (CI: 10k TOC cases; a long run: 100k+).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import tarfile
+from typing import Any
+
+from estargz_writer import Item, footer, write_estargz
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nydus_stargz.bootstrap import build_layer
+from nydus_stargz.toc import TocError, TocFile, parse_footer, parse_toc, read_toc_member
+
+EXAMPLES = int(os.environ.get("NYDUS_FUZZ_EXAMPLES", "10000"))
+FAST = settings(
+    max_examples=max(100, EXAMPLES // 5), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+FULL = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+KEYS = [
+    "name",
+    "type",
+    "size",
+    "modtime",
+    "linkName",
+    "mode",
+    "uid",
+    "gid",
+    "devMajor",
+    "devMinor",
+    "xattrs",
+    "digest",
+    "offset",
+    "innerOffset",
+    "chunkOffset",
+    "chunkSize",
+    "chunkDigest",
+]
+# Values drawn for any key: right and wrong types, edge numbers, hostile names and digests. One
+# pool keeps drawing cheap (hypothesis spends its time generating, not in our parser).
+POOL = st.sampled_from(
+    [
+        None,
+        True,
+        False,
+        0.5,
+        float("nan"),
+        "",
+        "x",
+        [],
+        [1],
+        {},
+        {"a": 1},
+        {"user.a": "dg=="},
+        {"k": "!!"},
+        -1,
+        0,
+        1,
+        7,
+        511,
+        512,
+        4096,
+        4 << 20,
+        (4 << 20) + 1,
+        1 << 32,
+        1 << 63,
+        -(1 << 63),
+        "dir",
+        "reg",
+        "symlink",
+        "hardlink",
+        "char",
+        "block",
+        "fifo",
+        "chunk",
+        "sock",
+        "a",
+        "a/b",
+        "./a/c",
+        "/abs",
+        "../up",
+        "a/../../x",
+        "d/",
+        "a/b/c/d",
+        ".wh.a",
+        "d/.wh..wh..opq",
+        "x\x00y",
+        ".prefetch.landmark",
+        "a" * 300,
+        "é/ü",
+        "stargz.index.json",
+        "sha256:" + "ab" * 32,
+        "sha256:" + "00" * 32,
+        "sha256:xyz",
+        "md5:00",
+        "2019-06-12T17:52:45Z",
+        "1969-01-01T00:00:00Z",
+        "2020-13-40T99:99:99Z",
+        "2021-01-01T00:00:00.123456789+05:30",
+    ]
+)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+    max_leaves=12,
+)
+ENTRY = st.lists(st.tuples(st.sampled_from(KEYS), POOL), max_size=7).map(dict)
+VALID_BLOB, VALID_TOC = write_estargz(
+    [
+        Item("d/", "dir"),
+        Item("d/f", data=b"payload" * 40),
+        Item("d/big", data=bytes(range(256)) * 40000),
+        Item("h", "hardlink", link="d/f"),
+        Item("l", "symlink", link="d/f"),
+        Item(".wh.x", data=b""),
+    ]
+)
+VALID_ENTRIES = json.loads(VALID_TOC)["entries"]
+# A valid TOC with a few entries rewritten: reaches the conversion's deeper checks.
+MUTATION = st.tuples(st.integers(0, len(VALID_ENTRIES) - 1), st.sampled_from(KEYS), POOL | st.just(KeyError))
+
+
+def _mutated(mutations: list[tuple[int, str, Any]]) -> dict[str, Any]:
+    entries = [dict(e) for e in VALID_ENTRIES]
+    for i, key, value in mutations:
+        if value is KeyError:
+            entries[i].pop(key, None)
+        else:
+            entries[i][key] = value
+    return {"version": 1, "entries": entries}
+
+
+TOCS = st.one_of(
+    st.fixed_dictionaries(
+        {"version": st.sampled_from([1, 1, 1, 2, "1", None, True]), "entries": st.lists(ENTRY, max_size=5)}
+    ),
+    st.lists(MUTATION, min_size=1, max_size=4).map(_mutated),
+)
+
+
+def _toc_file(doc: bytes) -> TocFile:
+    return TocFile(doc, 512, 0o644, 0, 0, 0)
+
+
+@FULL
+@given(TOCS)
+def test_fuzz_toc_json_and_conversion(doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    with contextlib.suppress(TocError):
+        toc = parse_toc(raw)
+        build_layer(toc, _toc_file(raw), blob_id="cd" * 32, blob_size=1 << 30, toc_offset=(1 << 30) - 4096)
+
+
+@FAST
+@given(st.binary(max_size=512) | JSON.map(lambda v: json.dumps(v).encode()))
+def test_fuzz_toc_bytes(raw: bytes) -> None:
+    with contextlib.suppress(TocError):
+        parse_toc(raw)
+
+
+@FAST
+@given(st.integers(0, len(VALID_BLOB) - 1), st.integers(1, 255), st.integers(0, 60))
+def test_fuzz_footer_and_member_mutations(at: int, xor: int, cut: int) -> None:
+    """One byte of a valid blob changed and its tail cut: the footer and TOC member parsers
+    answer a `Footer`/`TocFile` or `TocError`, never anything else."""
+    bad = bytearray(VALID_BLOB)
+    bad[at] ^= xor
+    blob = bytes(bad[: len(bad) - cut])
+    with contextlib.suppress(TocError):
+        f = parse_footer(blob[-64:], len(blob))
+        toc_file = read_toc_member(blob[f.toc_offset : len(blob) - f.size])
+        toc = parse_toc(toc_file.json_bytes)
+        build_layer(toc, toc_file, blob_id="ef" * 32, blob_size=len(blob), toc_offset=f.toc_offset)
+
+
+@FAST
+@given(st.binary(max_size=200), st.integers(0, 1 << 40))
+def test_fuzz_footer_bytes(junk: bytes, offset: int) -> None:
+    for tail in (junk, junk + footer(offset), footer(offset)[: len(junk) % 51]):
+        with contextlib.suppress(TocError):
+            parse_footer(tail, 1 << 20)
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_fuzz_toc_member_gzip_of_junk(payload: bytes) -> None:
+    """A TOC member that is valid gzip around junk, or around a tar without the TOC entry."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("not-the-toc")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    for member in (gzip.compress(payload), gzip.compress(buf.getvalue()), payload):
+        with contextlib.suppress(TocError):
+            read_toc_member(member)
