@@ -306,6 +306,11 @@ class Sandbox:
         if spec.ours:
             sock = self.workdir / "nydus" / "nydus.sock"
             template = self.workdir / "nydusd-config.json"
+            if spec.stargz:
+                # As the peer does by default: the files before .prefetch.landmark (the bootstrap's
+                # prefetch table) are fetched as soon as the layer is mounted, nothing else.
+                nydusd_config = {**nydusd_config,
+                                 "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 8}}
             template.write_text(json.dumps(nydusd_config, indent=2))
             self.snapshotter = NydusSnapshotter(
                 self.workdir / "nydus", sock, log_level="info",
