@@ -55,6 +55,7 @@ class LayerBootstrap:
     blob: BlobEntry
     prefetch: tuple[str, ...]  # paths before .prefetch.landmark, in TOC order
     chunk_size: int
+    markers: bool  # the layer has whiteouts or opaque dirs (its bootstrap keeps them as OCI files)
 
 
 @attrs.define
@@ -285,4 +286,14 @@ def build_layer(
         result = build(root, None, opts)
     except RafsError as e:
         raise TocError(f"eStargz TOC: {e}") from None
-    return LayerBootstrap(result.bootstrap, entry, tuple(prefetch), cs)
+    return LayerBootstrap(result.bootstrap, entry, tuple(prefetch), cs, _has_markers(root))
+
+
+def _has_markers(root: Node) -> bool:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.whiteouts or node.opaque is not None:
+            return True
+        stack.extend(c for c in node.entries.values() if c.is_dir)
+    return False

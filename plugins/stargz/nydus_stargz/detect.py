@@ -12,7 +12,8 @@ Layer Prepare (``claim_layer``), with ``[experimental] enable_stargz``:
    ``containerd.io/snapshot/stargz/toc.digest`` label when the layer carries one (a mismatch is an
    error at Prepare), converted (`nydus_stargz.bootstrap`) and written into the snapshot as
    ``<digest hex>`` (the bootstrap, upstream's name), ``stargz.index.json`` and
-   ``<digest hex>.prefetch``; the snapshot is committed with ``containerd.io/snapshot/stargz``.
+   ``<digest hex>.json`` (its prefetch paths and whether it has whiteouts); the snapshot is
+   committed with ``containerd.io/snapshot/stargz``.
 
 One contiguous run of eStargz layers is served lazily per image: an eStargz layer above a plain
 layer that itself sits above claimed ones is unpacked (logged), so the overlay order stays exactly
@@ -20,7 +21,8 @@ containerd's.
 
 Container Prepare/View (``find_image``): the nearest run of claimed layers is merged into
 ``image.boot`` in the top layer's snapshot (once; atomically) and served by the configured
-backend; the plain layers around it stay lower dirs where they are (`ImageSource.covers`).
+backend; the plain layers around it stay lower dirs where they are (`ImageSource.covers`). A run
+of one layer without whiteouts needs no merge: its own bootstrap is served.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _layer_meta(upper: Path, hex_: str) -> dict[str, Any]:
+    """What `claim_layer` recorded of a layer (`{}` when the file is missing or unreadable)."""
+    try:
+        doc = json.loads((upper / f"{hex_}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 class EstargzFormat(ImageFormat):
@@ -184,7 +195,8 @@ class EstargzFormat(ImageFormat):
             raise FailedPrecondition(f"{what}: reading its TOC failed: {e}") from None
         upper = layer.upper
         _write_atomic(upper / TOC_NAME, toc_file.json_bytes)
-        _write_atomic(upper / f"{hex_}.prefetch", json.dumps(list(built.prefetch)).encode())
+        meta = {"prefetch": list(built.prefetch), "markers": built.markers}
+        _write_atomic(upper / f"{hex_}.json", json.dumps(meta).encode())
         _write_atomic(upper / hex_, built.bootstrap)
         log.info(
             "%s: TOC of %d entries converted (%d chunks of at most %d bytes, %d files to prefetch)",
@@ -239,6 +251,11 @@ class EstargzFormat(ImageFormat):
                 f"eStargz snapshot {top.id} ({top.name}) for {key} has no image reference label"
             )
         merged = top.upper / MERGED
+        if len(run) == 1 and not merged.is_file():
+            digest = layer_digest(top.labels)
+            hex_ = _hex(digest) if digest else ""
+            if hex_ and not _layer_meta(top.upper, hex_).get("markers", True):
+                merged = top.upper / hex_  # nothing to merge, no marker to translate
         if not merged.is_file():
             self._merge(run, merged, keep_markers=below)
         return ImageSource(
@@ -268,7 +285,7 @@ class EstargzFormat(ImageFormat):
                 path = entry.upper / hex_
                 try:
                     layers.append(Bootstrap.open(path))
-                    prefetch += json.loads((entry.upper / f"{hex_}.prefetch").read_text())
+                    prefetch += _layer_meta(entry.upper, hex_).get("prefetch", [])
                 except (OSError, ValueError, RafsError) as e:
                     raise FailedPrecondition(
                         f"eStargz snapshot {entry.id} ({entry.name}): its bootstrap "

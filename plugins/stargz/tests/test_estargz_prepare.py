@@ -79,7 +79,8 @@ def test_estargz_layer_is_claimed_with_its_bootstrap(
     assert info.labels[L.STARGZ] == "true"
     (sid,) = os.listdir(stargz_on.root / "snapshots")
     upper = stargz_on.root / "snapshots" / sid / "fs"
-    assert sorted(os.listdir(upper)) == sorted([digest[7:], digest[7:] + ".prefetch", "stargz.index.json"])
+    assert sorted(os.listdir(upper)) == sorted([digest[7:], digest[7:] + ".json", "stargz.index.json"])
+    assert json.loads((upper / (digest[7:] + ".json")).read_text()) == {"prefetch": [], "markers": False}
     assert (upper / "stargz.index.json").read_bytes() == toc
 
 

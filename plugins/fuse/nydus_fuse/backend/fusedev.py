@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,28 @@ class FusedevBackend(NydusdBackend):
             log_file = Path(ctx.config.log_dir) / "session-holder.log"
             self.session_holder = SessionHolder(ctx.root, log_file=log_file)
         self._reconcile_holder(recorded)
+        self._kill_unrecorded_daemons(recorded)
+
+    def _kill_unrecorded_daemons(self, recorded: Sequence[DaemonRecord]) -> None:
+        """Start-up: kill daemon programs (and warm standbys) serving an API socket under
+        ``<root>/socket/<id>/`` for a daemon id no record names. A snapshotter killed between
+        spawning a daemon (or its standby) and recording it leaves them, and nothing would
+        ever drive or stop them; per-record clean-up (`Standbys.kill_unrecorded_generations`)
+        only sees the daemons that were recorded."""
+        base = self.ctx.root / "socket"
+        known = {d.id for d in recorded}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            flag = process.flag_value(pid, "--apisock")
+            if flag is None:
+                continue
+            sock = Path(flag)
+            if sock.parent.parent != base or sock.parent.name in known or process.exited(pid):
+                continue
+            log.warning("killing pid %d on %s: no daemon record names %s", pid, sock, sock.parent.name)
+            process.kill_now(pid, sock)
 
     def standby_enabled(self) -> bool:
         return bool(FAILOVER_STANDBY.get(self.config)) and self.config.daemon.recover_policy == "failover"
