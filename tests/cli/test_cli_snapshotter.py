@@ -523,3 +523,18 @@ def test_dead_daemon_is_respawned_by_the_liveness_sweep(image_setup: ImageSetup)
             pass
         time.sleep(0.2)
     assert (image_dir / "etc" / "hello").read_text() == "from the image\n"
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["stargz-plugin", "stargz-plugin-denied"])
+def test_enable_stargz_flag(workdir: Path, procs: list[Snapshotter], installed: bool) -> None:
+    """``--enable-stargz`` sets ``[experimental] enable_stargz``; without a plugin providing the
+    estargz format it is warned about (with the extra to install), never silently ignored."""
+    root, sock = workdir / "root", workdir / "s.sock"
+    env = {} if installed else {"NYDUS_CORE_PLUGINS_DENY": "stargz"}
+    p = run(workdir, procs, "--root", str(root), "--address", str(sock), "--enable-stargz", env=env)
+    p.wait_socket(sock)
+    text = log_file(root).read_text()
+    warned = "enable_stargz is set but no installed plugin provides the estargz format" in text
+    assert warned is not installed, text[-2000:]
+    if not installed:
+        assert "pip install 'nydus-core[stargz]'" in text
