@@ -13,12 +13,18 @@ PLUGIN_PROJECTS := $(wildcard plugins/*/pyproject.toml)
 DIST ?= dist
 STAMP := $(VENV)/.nydus-installed
 
-.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench-failover bench bench-full system venv dist clean
+.PHONY: test test-integration lint typecheck pytest demo proto bench-ops bench-failover bench bench-full system venv dist clean peer
 
-test: system venv lint pytest
+test: system venv peer lint pytest
 
 system:
 	bash scripts/setup-system.sh
+
+# The Go stargz-snapshotter 0.12 (bench/peers/stargz-grpc: Debian's packaged Go sources, about a
+# minute, apt-installs Go the first time), the yardstick of bench/startup and its smoke test.
+PEER_BIN ?= /var/cache/nydus-core-tests/peer-bin
+peer:
+	test -x $(PEER_BIN)/containerd-stargz-grpc || PEER_BIN=$(PEER_BIN) bash bench/peers/stargz-grpc/build.sh
 
 # Reinstall only when the packaging metadata changed (editable installs pick up code changes).
 venv: $(STAMP)
@@ -76,11 +82,11 @@ bench-failover: system venv
 # Container startup (issue 6, bench/startup/README.md): quick grid {unshaped, 100 Mbit/s + 20 ms},
 # busybox + python, 3 samples (< 15 min); bench-full adds 25 Mbit/s + 50 ms and 3 MB/s + 100 ms,
 # python-big and gcc, 5 samples. Results, table and charts go to bench/startup/results/.
-bench: system venv
+bench: system venv peer
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/startup/run.py --grid quick -n 3 $(BENCH_ARGS)
 
-bench-full: system venv
+bench-full: system venv peer
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/startup/run.py --grid full -n 5 --images busybox,python,python-big,gcc $(BENCH_ARGS)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import grpc
 
 from nydus_core.testing.debian_image import CACHE_DIR
 from nydus_core.testing.proxy import Fault, FaultyProxy
@@ -45,17 +44,18 @@ from nydus_core.testing.services import (
     NydusSnapshotter,
     ServiceError,
     free_tcp_port,
+    grpc_socket_ready,
     unmount_below,
     wait_until,
 )
 
 NYDUSD_PY = str(Path(sys.executable).with_name("nydusd-py"))
 
-#: Where ``/work/shared/peers/stargz-grpc/build.sh`` is told to put the peer (``PEER_BIN=...``).
+#: Where ``bench/peers/stargz-grpc/build.sh`` is told to put the peer (``PEER_BIN=...``).
 PEER_BIN_DIR = CACHE_DIR / "peer-bin"
-PEER_BUILD_HINT = (f"build it with `PEER_BIN={PEER_BIN_DIR} bash /work/shared/peers/stargz-grpc/build.sh` "
-                   "or point $STARGZ_GRPC_BIN at a containerd-stargz-grpc")
-#: Our snapshotter's config for the eStargz modes (upstream's key; there is no flag for it).
+PEER_BUILD_HINT = (f"build it with `make peer` (PEER_BIN={PEER_BIN_DIR} bash "
+                   "bench/peers/stargz-grpc/build.sh) or point $STARGZ_GRPC_BIN at a containerd-stargz-grpc")
+#: Our snapshotter's config for the eStargz modes (upstream's key; `--enable-stargz` sets it too).
 ENABLE_STARGZ_TOML = "[experimental]\nenable_stargz = true\n"
 
 
@@ -261,14 +261,7 @@ class StargzPeer:
         def ready() -> bool:
             assert self._proc is not None
             self._proc.check_running()
-            if not self.address.exists():
-                return False
-            with grpc.insecure_channel(f"unix://{self.address}") as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    return True
-                except grpc.FutureTimeoutError:
-                    return False
+            return grpc_socket_ready(self.address)
 
         try:
             wait_until(ready, timeout, f"containerd-stargz-grpc on {self.address} (log {self.log_path})",

@@ -461,7 +461,10 @@ class Containerd:
         """Run ``ctr --address <sock> -n <namespace> <args>``; with `check`, raise with its output."""
         ns = namespace or self.namespace
         self._namespaces.add(ns)
-        argv = [self._ctr, "--address", self.address, "-n", ns, *args]
+        return self._exec([self._ctr, "--address", self.address, "-n", ns, *args], check, timeout)
+
+    @staticmethod
+    def _exec(argv: list[str], check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
                               stdin=subprocess.DEVNULL)
         if check and proc.returncode != 0:
@@ -469,6 +472,19 @@ class Containerd:
                 f"{' '.join(argv)} failed ({proc.returncode}):\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
             )
         return proc
+
+    def rpull(self, ref: str, snapshotter: str = "nydus", *, timeout: float = 300.0,
+              namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``ctr-remote image rpull --plain-http --snapshotter <snapshotter> <ref>`` (Debian's
+        stargz-snapshotter package), which sends the remote-snapshot labels with every layer's
+        Prepare; raises with its output when it fails."""
+        ctr_remote = shutil.which("ctr-remote")
+        if ctr_remote is None:
+            raise ServiceError("ctr-remote missing: apt-get install stargz-snapshotter")
+        ns = namespace or self.namespace
+        self._namespaces.add(ns)
+        return self._exec([ctr_remote, "--address", self.address, "-n", ns, "image", "rpull", "--plain-http",
+                           "--snapshotter", snapshotter, ref], True, timeout)
 
     def channel(self) -> grpc.Channel:
         """A gRPC channel to containerd's own API socket (pair it with `metadata()`)."""
@@ -538,6 +554,18 @@ class Containerd:
             with contextlib.suppress(OSError):
                 (Path("/run/containerd/runc") / ns).rmdir()
         unmount_below(self.workdir)
+
+
+def grpc_socket_ready(address: Path) -> bool:
+    """Whether a gRPC server accepts connections on the unix socket `address` (within a second)."""
+    if not address.exists():
+        return False
+    with grpc.insecure_channel(f"unix://{address}") as ch:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=1)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
 
 
 #: The nydusd JSON template a user writes for a plain-http registry such as the test registry
@@ -646,14 +674,7 @@ class NydusSnapshotter:
         def ready() -> bool:
             assert self._proc is not None
             self._proc.check_running()
-            if not self.address.exists():
-                return False
-            with grpc.insecure_channel(f"unix://{self.address}") as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    return True
-                except grpc.FutureTimeoutError:
-                    return False
+            return grpc_socket_ready(self.address)
 
         try:
             wait_until(ready, timeout, f"containerd-nydus-grpc on {self.address} (log {self.log_path})",

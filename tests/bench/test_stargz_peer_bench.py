@@ -6,7 +6,7 @@ with ctr-remote (cached under /var/cache/nydus-core-tests/estargz), a fresh
 ``containerd-stargz-grpc`` serves it to a fresh containerd, and the sample must be ready with
 its layer data fetched by byte range. Skipped, with the reason printed, when the peer binary is
 not built (``PEER_BIN=/var/cache/nydus-core-tests/peer-bin bash
-/work/shared/peers/stargz-grpc/build.sh``).
+bench/peers/stargz-grpc/build.sh``).
 """
 
 from __future__ import annotations

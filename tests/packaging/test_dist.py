@@ -148,21 +148,7 @@ def test_core_alone_then_the_fuse_extra(
             "--plain-http",
         ]
     )
-    run(
-        [
-            "ctr-remote",
-            "--address",
-            containerd.address,
-            "-n",
-            containerd.namespace,
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "nydus",
-            nydus_ref,
-        ]
-    )
+    containerd.rpull(nydus_ref)
     refused = containerd.ctr(
         "run", "--rm", "--snapshotter", "nydus", nydus_ref, "lazy", "cat", "/etc/hello.txt", check=False
     )

@@ -16,7 +16,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,18 @@ def flag_value(pid: int, flag: str) -> str | None:
         return os.fsdecode(args[args.index(os.fsencode(flag)) + 1])
     except (ValueError, IndexError):
         return None
+
+
+def api_socket_processes() -> Iterator[tuple[int, Path]]:
+    """(pid, API socket) of every live process started with ``--apisock`` (daemon programs,
+    warm standbys, upgrade generations): what start-up clean-ups compare with the records."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        flag = flag_value(pid, "--apisock")
+        if flag is not None and not exited(pid):
+            yield pid, Path(flag)
 
 
 def start_time(pid: int) -> int:

@@ -342,7 +342,7 @@ class Snapshotter:
         snap = self._create(kind, key, parent, labels, links)
         try:
             if kind == Kind.ACTIVE and L.is_unpack_layer(labels):
-                self._maybe_claim(key, parent, labels, snap)
+                self._maybe_claim(key, parent, labels, snap, links)
             return self._mounts_for(key, snap, labels, create=True, links=links, gen=gen)
         except AlreadyExists:
             raise
@@ -352,11 +352,13 @@ class Snapshotter:
                 self.remove(key)
             raise
 
-    def _maybe_claim(self, key: str, parent: str, labels: dict[str, str], snap: Snapshot) -> None:
+    def _maybe_claim(
+        self, key: str, parent: str, labels: dict[str, str], snap: Snapshot, links: list[ChainLink]
+    ) -> None:
         target = labels[L.TARGET_SNAPSHOT_REF]
         chain = tuple(
             ChainEntry(id=c.id, name=c.name, labels=c.labels, upper=self._upper(c.id))
-            for c in (self.ms.chain(key) if parent else [])
+            for c in links  # the parents `_create` read (no second walk of the store)
         )
         layer = Layer(
             key=key, parent=parent, target=target, labels=dict(labels),

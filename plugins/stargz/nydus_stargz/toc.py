@@ -94,15 +94,6 @@ def parse_footer(tail: bytes, blob_size: int | None = None) -> Footer:
     raise TocError("no eStargz footer (neither the 51-byte eStargz nor the 47-byte stargz layout)")
 
 
-def is_estargz_tail(tail: bytes) -> bool:
-    """Whether a blob's last bytes are an eStargz or stargz footer (the probe of a plain layer)."""
-    try:
-        parse_footer(tail)
-    except TocError:
-        return False
-    return True
-
-
 @attrs.frozen
 class TocFile:
     """The TOC as stored: its JSON bytes and where they sit in the TOC member's output."""

@@ -19,7 +19,6 @@ from nydus_stargz.bootstrap import LayerBootstrap, build_layer
 from nydus_stargz.decoder import GZIP_MEMBER_DECODER
 from nydus_stargz.toc import (
     TocError,
-    is_estargz_tail,
     parse_footer,
     parse_toc,
     read_toc_member,
@@ -101,7 +100,8 @@ def test_footer_both_layouts_and_plain_gzip() -> None:
     assert (legacy.toc_offset, legacy.size) == (0x174F733, 47)
     import gzip
 
-    assert not is_estargz_tail(gzip.compress(b"a plain layer" * 100))
+    with pytest.raises(TocError, match="footer"):
+        parse_footer(gzip.compress(b"a plain layer" * 100))
     with pytest.raises(TocError, match="beyond the blob"):
         parse_footer(footer(10_000), blob_size=200)
     with pytest.raises(TocError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,15 +92,8 @@ class FusedevBackend(NydusdBackend):
         only sees the daemons that were recorded."""
         base = self.ctx.root / "socket"
         known = {d.id for d in recorded}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            flag = process.flag_value(pid, "--apisock")
-            if flag is None:
-                continue
-            sock = Path(flag)
-            if sock.parent.parent != base or sock.parent.name in known or process.exited(pid):
+        for pid, sock in process.api_socket_processes():
+            if sock.parent.parent != base or sock.parent.name in known:
                 continue
             log.warning("killing pid %d on %s: no daemon record names %s", pid, sock, sock.parent.name)
             process.kill_now(pid, sock)

@@ -239,18 +239,10 @@ class Standbys:
         that neither the record nor the standby record names (nothing would ever drive or stop
         them)."""
         standby = recorded(daemon)
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            flag = process.flag_value(pid, "--apisock")
-            if flag is None:
-                continue
-            sock = Path(flag)
+        for pid, sock in process.api_socket_processes():
             if sock.parent != daemon.api_socket.parent or sock == daemon.api_socket:
                 continue
-            recorded_standby = standby is not None and pid == standby.pid and sock == standby.api_socket
-            if recorded_standby or process.exited(pid):
+            if standby is not None and pid == standby.pid and sock == standby.api_socket:
                 continue
             log.warning("daemon %s: killing pid %d on %s: no record names it", daemon.id, pid, sock)
             process.kill_now(pid, sock)

@@ -220,16 +220,12 @@ def upgrade(
 def stray_generations(daemon: DaemonRecord) -> list[int]:
     """Live processes of an upgrade that did not finish: started on another ``api<N>.sock`` of the
     daemon's socket directory than the recorded one (a warm standby never has such a name)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        flag = process.flag_value(int(entry), "--apisock") if entry.isdigit() else None
-        if flag is None:
-            continue
-        sock = Path(flag)
-        if (sock.parent == daemon.api_socket.parent and sock != daemon.api_socket
-                and re.fullmatch(r"api\d+\.sock", sock.name) and not process.exited(int(entry))):  # fmt: skip
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, sock in process.api_socket_processes()
+        if sock.parent == daemon.api_socket.parent and sock != daemon.api_socket
+        and re.fullmatch(r"api\d+\.sock", sock.name)
+    ]
 
 
 def kill_stray_generations(daemon: DaemonRecord) -> None:

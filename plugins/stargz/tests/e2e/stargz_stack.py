@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nydus_core.testing.services import (
+    PLAIN_HTTP_NYDUSD_TEMPLATE,
     Containerd,
     CriSettings,
     NydusSnapshotter,
@@ -23,19 +24,7 @@ from nydus_core.testing.services import (
 NYDUSD_PY = str(Path(sys.executable).with_name("nydusd-py"))
 
 #: Lazy reads only, no read amplification: what the registry serves is what the container read.
-NYDUSD_TEMPLATE: dict[str, Any] = {
-    "device": {
-        "backend": {
-            "type": "registry",
-            "config": {"scheme": "http", "timeout": 10, "connect_timeout": 5, "retry_limit": 2},
-        },
-        "cache": {"type": "blobcache", "config": {"work_dir": ""}},
-    },
-    "mode": "direct",
-    "enable_xattr": True,
-    "amplify_io": 0,
-    "fs_prefetch": {"enable": False},
-}
+NYDUSD_TEMPLATE: dict[str, Any] = {**PLAIN_HTTP_NYDUSD_TEMPLATE, "amplify_io": 0}
 
 
 class StargzStack:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
-import subprocess
 from typing import Any
 
 import pytest
@@ -38,30 +36,13 @@ def via(ref: str, proxy: FaultyProxy) -> str:
     return f"{proxy.host}/{r.repo}:{r.tag}"
 
 
-def rpull(containerd: Containerd, ref: str, snapshotter: str = "nydus") -> None:
-    ctr_remote = shutil.which("ctr-remote")
-    assert ctr_remote
-    proc = subprocess.run(
-        [
-            ctr_remote,
-            "--address",
-            containerd.address,
-            "-n",
-            containerd.namespace,
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            snapshotter,
-            ref,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+def overlayfs_listing(containerd: Containerd, ref: str) -> str:
+    """What `LISTING` prints for `ref` pulled and unpacked by containerd's overlayfs snapshotter
+    (the image is removed again, so the lazy pull that follows starts from nothing)."""
+    containerd.ctr("image", "pull", "--plain-http", ref, timeout=600)
+    listing = run(containerd, ref, "overlayfs", LISTING)
+    containerd.ctr("image", "rm", ref, timeout=60)
+    return listing
 
 
 def run(containerd: Containerd, ref: str, snapshotter: str, script: str) -> str:
@@ -77,12 +58,10 @@ def test_ctr_remote_estargz_image_runs_lazily_and_equals_overlayfs(
 ) -> None:
     ref = via(estargz_image.esgz_ref, counting_proxy)
     cd = stargz_stack.containerd
-    cd.ctr("image", "pull", "--plain-http", ref, timeout=600)  # overlayfs: downloads and unpacks
-    expected = run(cd, ref, "overlayfs", LISTING)
-    cd.ctr("image", "rm", ref, timeout=60)
+    expected = overlayfs_listing(cd, ref)
 
     counting_proxy.reset_requests()
-    rpull(cd, ref)
+    cd.rpull(ref)
     got = run(cd, ref, "nydus", LISTING)
     assert got.splitlines() == expected.splitlines()
     assert got.rstrip().endswith("ready")
@@ -156,11 +135,9 @@ def test_mixed_estargz_and_plain_layers(
     tag = "mix-" + "".join(map(str, sorted(stargz_layers)))
     ref = via(_push_mix(estargz_image.esgz_ref, estargz_image.oci_ref, tag, stargz_layers), counting_proxy)
     cd = stargz_stack.containerd
-    cd.ctr("image", "pull", "--plain-http", ref, timeout=600)
-    expected = run(cd, ref, "overlayfs", LISTING)
-    cd.ctr("image", "rm", ref, timeout=60)
+    expected = overlayfs_listing(cd, ref)
     counting_proxy.reset_requests()
-    rpull(cd, ref)
+    cd.rpull(ref)
     got = run(cd, ref, "nydus", LISTING)
     assert got.splitlines() == expected.splitlines()
     assert "/etc/issue" not in got.splitlines() and "/usr/share/doc/README" in got.splitlines()
@@ -182,7 +159,7 @@ def test_flipped_byte_in_a_member_is_eio_then_served_once_the_fault_is_gone(
 ) -> None:
     ref = via(estargz_image.esgz_ref, counting_proxy)
     cd = stargz_stack.containerd
-    rpull(cd, ref)
+    cd.rpull(ref)
     edge = _manifest(estargz_image.esgz_ref)[0]["layers"][1]["digest"]
     cat = "cat /opt/edge/hello.txt"
     # Byte 12 of the member: inside the deflate data of the payload (a flip in the member's tail,
