@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
@@ -210,12 +211,25 @@ class NydusFS(pyfuse3.Operations):
         return self._attr(inst, inst.inode(nid), ino if ino != ROOT else self._ino(inst, nid, slot))
 
     def _changed(self, mount_id: str, inst: RafsInstance | None) -> None:
-        """A shared daemon's image went away: drop the kernel's dentry for it."""
-        if self.shared and inst is None and mount_id:
-            try:
-                pyfuse3.invalidate_entry_async(ROOT, os.fsencode(mount_id), ignore_enoent=True)
-            except Exception as e:  # not mounted yet, or shutting down
-                log.debug("invalidate /%s: %s", mount_id, e)
+        """A shared daemon's image went away: drop the kernel's dentry for it.
+
+        Off the FUSE loop's thread (the API's umount) the invalidation is synchronous, so
+        ``/<id>`` is gone from the mountpoint when the umount call returns; the loop keeps
+        serving meanwhile, as the call releases the GIL. On the loop's thread a synchronous call
+        could wait for a request only that thread can answer, so there it is queued.
+        """
+        if not (self.shared and inst is None and mount_id):
+            return
+        name = os.fsencode(mount_id)
+        try:
+            if threading.current_thread() is threading.main_thread():
+                pyfuse3.invalidate_entry_async(ROOT, name, ignore_enoent=True)
+            else:
+                pyfuse3.invalidate_entry(ROOT, name)
+        except FileNotFoundError:  # the kernel never looked the image up
+            pass
+        except Exception as e:  # not mounted yet, or shutting down
+            log.debug("invalidate /%s: %s", mount_id, e)
 
     # -- metadata handlers ---------------------------------------------------------------------
     @guarded("lookup")
