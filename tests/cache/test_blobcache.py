@@ -151,6 +151,37 @@ def test_amplified_reads_are_bounded(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_amplified_read_of_a_file_stops_at_its_end(tmp_path: Path) -> None:
+    """Told which file it reads, a miss takes that file's following chunks (within amplify_io) and
+    only `amplify_across_files` bytes of whatever the build put after it."""
+    files = {"a/first.bin": os.urandom(3 * CS), "a/second.bin": os.urandom(2 * CS), "a/third.bin": b"3" * 100}
+    img = build_image(tmp_path / "img", files, chunk_size=CS)
+    bs = Bootstrap.open(img.bootstrap)
+    first, second = _file_chunks(bs, "a/first.bin"), _file_chunks(bs, "a/second.bin")
+    layout = sorted([(first[0].compressed_offset, "first"), (second[0].compressed_offset, "second")])
+    before, after = (first, second) if layout[0][1] == "first" else (second, first)
+    src = CountingSource(str(img.blob_dir))
+    cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=1 << 20, amplify_across_files=0)
+    assert cache.read(before[0], file_chunks=before) == cache.read_cached(before[0], 0, CS)
+    assert len(src.calls) == 1 and all(cache.is_ready(c) for c in before)
+    assert not any(cache.is_ready(c) for c in after)  # the neighbour file was not fetched
+    (offset, size) = src.calls[0]
+    assert offset + size == before[-1].compressed_offset + before[-1].compressed_size
+    # a budget past the file's end takes the neighbour's first chunk too, not more
+    src2 = CountingSource(str(img.blob_dir))
+    budget = after[0].compressed_size
+    wide = _cache(img, bs, tmp_path / "cache2", src2, amplify_io=1 << 20, amplify_across_files=budget)
+    wide.read(before[0], file_chunks=before)
+    assert wide.is_ready(after[0]) and not wide.is_ready(after[1])
+    # without a file (prefetch, fetch_all) the window stays amplify_io wide
+    src3 = CountingSource(str(img.blob_dir))
+    blind = _cache(img, bs, tmp_path / "cache3", src3, amplify_io=1 << 20, amplify_across_files=0)
+    blind.read(before[0])
+    assert all(blind.is_ready(c) for c in after)
+    for c in (cache, wide, blind):
+        c.close()
+
+
 def test_registry_source_adapter_calls_read_range(tmp_path: Path) -> None:
     img, bs, data = _image(tmp_path)
     seen: list[tuple[str, int, int]] = []

@@ -9,7 +9,10 @@ cached, so a later read (after the fault is gone) fetches it again.
 Concurrency: one fetch per chunk however many readers want it (single flight: later readers wait
 on the first one's event). A miss also claims following not-yet-cached chunks that are contiguous
 in the blob, up to `amplify_io` compressed bytes, so a sequential reader costs one range request
-per amplification window rather than one per chunk.
+per amplification window rather than one per chunk. When the reader says which file it reads
+(`read`'s `file_chunks`), the window stops `amplify_across_files` bytes after that file's end in
+the blob: a small file read does not drag in the neighbours nobody opens (the image's other files
+are only adjacent by build order), which on a slow link costs more than the round trip it saves.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from nydus_core.data.cache import CacheError
@@ -32,6 +35,7 @@ from nydus_core.records import BlobDecoder
 log = logging.getLogger(__name__)
 
 DEFAULT_AMPLIFY_IO = 1 << 20
+DEFAULT_AMPLIFY_ACROSS_FILES = 0
 EROFS_BLOCK = 4096
 MAX_GAP = 4096  # bytes between two chunks in the blob that an amplified read may skip over
 
@@ -83,6 +87,7 @@ class BlobCache:
         work_dir: str,
         *,
         amplify_io: int = DEFAULT_AMPLIFY_IO,
+        amplify_across_files: int = DEFAULT_AMPLIFY_ACROSS_FILES,
         validate_on_hit: bool = False,
         stats: CacheStats | None = None,
         decoder: BlobDecoder | None = None,
@@ -98,6 +103,7 @@ class BlobCache:
         self.blob_id = entry.blob_id
         self.source = source
         self.amplify_io = max(0, amplify_io)
+        self.amplify_across_files = max(0, amplify_across_files)
         self.validate_on_hit = validate_on_hit
         self.stats = stats or CacheStats()
         by_index: dict[int, ChunkInfo] = {}
@@ -141,8 +147,18 @@ class BlobCache:
             os.posix_fadvise(self._fd, chunk.uncompressed_offset, chunk.uncompressed_size,
                              os.POSIX_FADV_WILLNEED)  # fmt: skip
 
-    def read(self, chunk: ChunkInfo, lo: int = 0, hi: int | None = None) -> bytes:
-        """Bytes [lo, hi) of a chunk's uncompressed data, fetching and verifying it if needed."""
+    def read(
+        self,
+        chunk: ChunkInfo,
+        lo: int = 0,
+        hi: int | None = None,
+        file_chunks: Sequence[ChunkInfo | None] | None = None,
+    ) -> bytes:
+        """Bytes [lo, hi) of a chunk's uncompressed data, fetching and verifying it if needed.
+
+        :param file_chunks: the chunks of the file being read (`chunk` among them), which bound
+            the amplified fetch of a miss; without them the window is `amplify_io` wide.
+        """
         end = chunk.uncompressed_size if hi is None else hi
         if self.map.is_ready(chunk.index):
             self.stats.add(hits=1)
@@ -152,11 +168,17 @@ class BlobCache:
                 return data[lo:end]
             return self.read_cached(chunk, lo, end)
         self.stats.add(misses=1)
-        data = self.fetch(chunk)
+        data = self.fetch(chunk, file_chunks=file_chunks)
         return data[lo:end] if (lo, end) != (0, len(data)) else data
 
-    def fetch(self, chunk: ChunkInfo, *, prefetch: bool = False) -> bytes:
-        """Make `chunk` ready and return its data (single flight, amplified)."""
+    def fetch(
+        self,
+        chunk: ChunkInfo,
+        *,
+        prefetch: bool = False,
+        file_chunks: Sequence[ChunkInfo | None] | None = None,
+    ) -> bytes:
+        """Make `chunk` ready and return its data (single flight, amplified; see `read`)."""
         while True:
             with self._lock:
                 if self.map.is_ready(chunk.index):
@@ -166,7 +188,7 @@ class BlobCache:
                     flight = self._flights.get(chunk.index)
                     mine = None
                     if flight is None:
-                        mine = self._claim(chunk)
+                        mine = self._claim(chunk, file_chunks)
             if flight is None and mine is None:
                 return self.read_cached(chunk, 0, chunk.uncompressed_size)
             if mine is not None:
@@ -177,28 +199,44 @@ class BlobCache:
                 raise flight.error
             # ready now (or the leader's result was dropped): loop reads it from the file
 
-    def _claim(self, first: ChunkInfo) -> list[tuple[ChunkInfo, _Flight]]:
+    def _claim(
+        self, first: ChunkInfo, file_chunks: Sequence[ChunkInfo | None] | None
+    ) -> list[tuple[ChunkInfo, _Flight]]:
         """Under the lock: register flights for `first` and the neighbours an amplified read takes."""
         claimed = [(first, _Flight())]
         self._flights[first.index] = claimed[0][1]
         start, size = self._ranges.get(first.index) or self.decoder.read_range(self.entry, first)
         end = start + size
         pos = self._pos.get(first.index)
-        if pos is not None and self.amplify_io > 0:
-            for nxt in self._order[pos + 1 :]:
-                if nxt.flags & 0x2:  # hole: nothing in the blob
-                    continue
-                nxt_off, nxt_size = self._ranges[nxt.index]
-                new_end = nxt_off + nxt_size
-                if nxt_off - end > MAX_GAP or new_end - start > self.amplify_io or nxt_off < end:
-                    break
-                if self.map.is_ready(nxt.index) or nxt.index in self._flights:
-                    break
-                fl = _Flight()
-                self._flights[nxt.index] = fl
-                claimed.append((nxt, fl))
-                end = new_end
+        if pos is None or self.amplify_io <= 0:
+            return claimed
+        limit = start + self.amplify_io
+        if file_chunks is not None:
+            limit = min(limit, max(end, self._file_end(file_chunks)) + self.amplify_across_files)
+        for nxt in self._order[pos + 1 :]:
+            if nxt.flags & 0x2:  # hole: nothing in the blob
+                continue
+            nxt_off, nxt_size = self._ranges[nxt.index]
+            new_end = nxt_off + nxt_size
+            if nxt_off - end > MAX_GAP or new_end > limit or nxt_off < end:
+                break
+            if self.map.is_ready(nxt.index) or nxt.index in self._flights:
+                break
+            fl = _Flight()
+            self._flights[nxt.index] = fl
+            claimed.append((nxt, fl))
+            end = new_end
         return claimed
+
+    def _file_end(self, file_chunks: Sequence[ChunkInfo | None]) -> int:
+        """Where the file's stored bytes in this blob end (its chunks here, wherever dedup put them)."""
+        found = 0
+        for c in file_chunks:
+            if c is not None and c.blob_index == self.entry.blob_index:
+                r = self._ranges.get(c.index)
+                if r is not None:
+                    found = max(found, r[0] + r[1])
+        return found
 
     def _run(self, claimed: list[tuple[ChunkInfo, _Flight]], want: ChunkInfo, prefetch: bool) -> bytes:
         ranges = [self._ranges.get(c.index) or self.decoder.read_range(self.entry, c) for c, _ in claimed]

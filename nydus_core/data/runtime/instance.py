@@ -77,6 +77,7 @@ class RafsInstance:
             by_blob.setdefault(c.blob_index, []).append(c)
         self.caches = [
             BlobCache(entry, by_blob.get(i, []), self.source, config.work_dir, amplify_io=config.amplify_io,
+                      amplify_across_files=config.amplify_across_files,
                       validate_on_hit=config.digest_validate, stats=self.cache_stats,
                       decoder=decoders.for_blob(entry))
             for i, entry in enumerate(self.bootstrap.blobs)
@@ -238,7 +239,7 @@ class RafsInstance:
                     return None
                 parts.append(cache.read_cached(info, lo, hi))
             else:
-                parts.append(cache.read(info, lo, hi))
+                parts.append(cache.read(info, lo, hi, chunks))
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.fs_stats.hit("read", len(data))
         return data

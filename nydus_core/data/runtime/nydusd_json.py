@@ -2,7 +2,9 @@
 
 Upstream keys (reference §4.2): ``device.backend.{type,config}``, ``device.cache.{type,config.work_dir}``,
 ``digest_validate``, ``amplify_io``, ``fs_prefetch.{enable,threads_count,prefetch_all,merging_size}``.
-Unknown keys are ignored, as nydusd does.
+One key is ours: ``amplify_across_files``, the bytes an amplified read may take past the end of the
+file being read (`nydus_core.data.cache.blobcache`); nydusd ignores it. Unknown keys are ignored, as
+nydusd does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nydus_core.data.cache.blobcache import DEFAULT_AMPLIFY_IO
+from nydus_core.data.cache.blobcache import DEFAULT_AMPLIFY_ACROSS_FILES, DEFAULT_AMPLIFY_IO
 from nydus_core.data.cache.source import ChunkSource, LocalFsSource, RegistrySource
 
 
@@ -38,6 +40,7 @@ class NydusdConfig:
     work_dir: str = ""
     digest_validate: bool = False
     amplify_io: int = DEFAULT_AMPLIFY_IO
+    amplify_across_files: int = DEFAULT_AMPLIFY_ACROSS_FILES
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     device_id: str = ""
 
@@ -70,6 +73,9 @@ class NydusdConfig:
         amplify = doc.get("amplify_io", DEFAULT_AMPLIFY_IO)
         if not isinstance(amplify, int) or amplify < 0:
             raise ConfigInvalid(f"amplify_io must be a non-negative integer, not {amplify!r}")
+        across = doc.get("amplify_across_files", DEFAULT_AMPLIFY_ACROSS_FILES)
+        if not isinstance(across, int) or isinstance(across, bool) or across < 0:
+            raise ConfigInvalid(f"amplify_across_files must be a non-negative integer, not {across!r}")
         return cls(
             backend_type=btype,
             backend_config=bcfg,
@@ -77,6 +83,7 @@ class NydusdConfig:
             work_dir=work_dir,
             digest_validate=bool(doc.get("digest_validate", False)),
             amplify_io=amplify,
+            amplify_across_files=across,
             prefetch=PrefetchConfig(
                 enable=bool(pf.get("enable", False)),
                 threads_count=max(1, int(pf.get("threads_count", 2) or 2)),
