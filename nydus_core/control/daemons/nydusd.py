@@ -151,8 +151,18 @@ class NydusdBackend(Backend):
         """Arguments a subclass appends to upstream's command line."""
         return []
 
-    def spawn(self, daemon: DaemonRecord, instance: Instance | None, extra: Sequence[str] = ()) -> int:
-        """Start the program for `daemon` (its socket cleared, its dirs made); the pid."""
+    def spawn(
+        self,
+        daemon: DaemonRecord,
+        instance: Instance | None,
+        extra: Sequence[str] = (),
+        *,
+        spare: bool = False,
+    ) -> int:
+        """Start the program for `daemon` (its socket cleared, its dirs made); the pid.
+
+        :param spare: a process started ahead of need may become it (`take_spare`).
+        """
         argv = self.command_line(daemon, instance) + list(extra)
         daemon.api_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         daemon.api_socket.unlink(missing_ok=True)
@@ -162,10 +172,19 @@ class NydusdBackend(Backend):
             daemon.mountpoint.mkdir(parents=True, exist_ok=True)
         daemon.log_dir.mkdir(parents=True, exist_ok=True)
         log_file = None if self.config.log.log_to_stdout else daemon.log_dir / "nydusd.out"
+        if spare:
+            pid = self.take_spare(argv, log_file)
+            if pid is not None:
+                return pid
         return process.spawn(argv, log_file, what=f"daemon {daemon.id}")
 
+    def take_spare(self, argv: Sequence[str], log_file: Path | None) -> int | None:
+        """A process already started that becomes the one of `argv` (its pid), or ``None`` to
+        spawn it; this base class keeps none (``plugins/fuse`` does: its spare daemon)."""
+        return None
+
     def start(self, daemon: DaemonRecord, instance: Instance | None) -> int:
-        return self.spawn(daemon, instance)
+        return self.spawn(daemon, instance, spare=True)
 
     def wait_ready(self, daemon: DaemonRecord, timeout: float, state: str = STATE_RUNNING) -> bool:
         """Wait until ``GET /api/v1/daemon`` reports `state`; `on_running` once it is RUNNING."""

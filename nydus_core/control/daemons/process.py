@@ -29,9 +29,11 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 _statuses: dict[int, int] = {}
 
 
-def spawn(argv: Sequence[str], log_file: Path | None, *, what: str = "daemon") -> int:
+def spawn(
+    argv: Sequence[str], log_file: Path | None, *, what: str = "daemon", shown: str | None = None
+) -> int:
     """Start `argv` in a new session with stdin closed and stdout/stderr appended to `log_file`
-    (inherited when ``None``); returns the pid."""
+    (inherited when ``None``); returns the pid. `shown` is what the log says instead of `argv`."""
     out = None if log_file is None else open(log_file, "ab")  # noqa: SIM115
     try:
         proc = subprocess.Popen(
@@ -46,7 +48,7 @@ def spawn(argv: Sequence[str], log_file: Path | None, *, what: str = "daemon") -
         if out is not None:
             out.close()
     _children[proc.pid] = proc
-    log.info("started %s: pid %d: %s", what, proc.pid, " ".join(argv))
+    log.info("started %s: pid %d: %s", what, proc.pid, shown or " ".join(argv))
     return proc.pid
 
 

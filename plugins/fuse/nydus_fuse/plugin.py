@@ -24,5 +24,7 @@ def nydus_backends() -> Iterator[BackendRecord]:
 @hookimpl
 def nydus_config_options() -> Iterator[ConfigOption]:
     from nydus_fuse.backend.fusedev import FAILOVER_STANDBY
+    from nydus_fuse.backend.spare import SPARE_DAEMON
 
     yield FAILOVER_STANDBY
+    yield SPARE_DAEMON

@@ -39,6 +39,7 @@ import pytest
 from fuse_helpers import nydusd_py
 from nydus_fuse.backend.crash_points import STANDBY_SPAWNED, STEPS
 from nydus_fuse.backend.holder_client import SessionHolder
+from nydus_fuse.backend.standby import Standby, is_warm
 
 from nydus_core import labels as L
 from nydus_core.control.daemons.client import NydusdClient
@@ -59,6 +60,11 @@ READER = Path(__file__).with_name("failover_reader.py")
 REF = "localhost/test/crash:latest"
 BIG = os.urandom((2 << 20) + 4321)
 FILES = {"big": BIG, **{f"d/f{i}": str(i).encode() * i for i in range(10)}}
+
+
+def spare_pids(root: Path) -> list[int]:
+    """The snapshotter's spare daemon (``[daemon] spare_daemon``, on by default): not a daemon yet."""
+    return live_pids_mentioning(str(root / "spare") + "/")
 
 
 def mount_count(path: Path) -> int:
@@ -161,20 +167,22 @@ def image() -> Iterator[Image]:
 
 
 def _new_standby(sockets: Path, snap: NydusSnapshotter) -> list[int]:
-    """The daemon's warm standby (started in the background): its pid once recorded."""
+    """The daemon's warm standby (started in the background): its pid once recorded and warm."""
     pid_file = sockets / "standby.pid"
     found: list[int] = []
 
     def recorded() -> bool:
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().split()[0])
-            if pid in live_pids_mentioning(str(sockets)):
+            pid_text, sock = pid_file.read_text().split()
+            pid = int(pid_text)
+            # warm: a death now is taken over by it (one still loading may not be, under load)
+            if pid in live_pids_mentioning(str(sockets)) and is_warm(Standby(pid, Path(sock))):
                 found[:] = [pid]
                 return True
         return False
 
     try:
-        wait_until(recorded, 30, f"a new standby recorded in {pid_file}")
+        wait_until(recorded, 30, f"a new standby recorded in {pid_file} and warm")
     except ServiceError as e:
         raise AssertionError(f"{e}\n{snap.log_tail()}") from e
     return found
@@ -259,8 +267,9 @@ def test_snapshotter_killed_during_failover(mode: str, step: str, workdir: Path,
         if standby:
             assert procs == standby  # the promoted standby serves (and no new one after a restart)
         # no orphans: the test root's processes are the snapshotter, the holder and the daemon
-        assert sorted(live_pids_mentioning(str(workdir))) == \
-            sorted([again.pid or 0, holder_pid or 0, *procs, *new_standby]), again.log_tail()
+        assert sorted(live_pids_mentioning(str(workdir))) == sorted(
+            [again.pid or 0, holder_pid or 0, *procs, *new_standby, *spare_pids(stack.root)]
+        ), again.log_tail()
         assert mount_count(fuse_mount) == 1
         assert (mnt / "d" / "f7").read_bytes() == b"7" * 7
         # the same holder serves the new snapshotter, and it holds the new daemon's session again
@@ -322,7 +331,8 @@ def test_daemon_killed_while_no_snapshotter_runs(workdir: Path, image: Image) ->
         procs = live_pids_mentioning(str(api_socket))
         (listed,) = again.system_get("/api/v1/daemons")
         assert procs == [listed["pid"]] and listed["pid"] != daemon["pid"]
-        assert sorted(live_pids_mentioning(str(workdir))) == sorted([again.pid or 0, holder_pid or 0, *procs])
+        assert sorted(live_pids_mentioning(str(workdir))) == \
+            sorted([again.pid or 0, holder_pid or 0, *procs, *spare_pids(stack.root)])
         assert holder.pid() == holder_pid
         print(f"\n[daemon kill -9 with no snapshotter] served again {served:.2f}s after the kill "
               f"(1 s of it with nobody running); reader: {result['ops']} ops, longest "
@@ -367,7 +377,8 @@ def test_snapshotter_killed_after_spawning_a_standby(workdir: Path, image: Image
         if listed:
             assert listed_daemon["pid"] == listed[0]["pid"]  # the daemon was kept
         assert sorted(live_pids_mentioning(str(workdir))) == \
-            sorted([again.pid or 0, holder_pid or 0, *live_pids_mentioning(str(stack.root / "socket"))])
+            sorted([again.pid or 0, holder_pid or 0, *live_pids_mentioning(str(stack.root / "socket")),
+                    *spare_pids(stack.root)])
         assert len(live_pids_mentioning(str(stack.root / "socket"))) in (1, 2)  # + a new standby
         stop_file = workdir / "stop-reader"
         want = hashlib.sha256(BIG).hexdigest()

@@ -13,7 +13,9 @@ this backend adds is what keeps running containers alive when a daemon dies:
 * with ``[daemon] failover_standby`` the replacement is started ahead of time (`standby`): once a
   daemon is ready (and after each failover or upgrade), its next generation waits in INIT, and
   failover only drives it;
-* ``PUT /api/v1/daemons/upgrade`` moves daemons onto another program the same way (`upgrade`).
+* ``PUT /api/v1/daemons/upgrade`` moves daemons onto another program the same way (`upgrade`);
+* with ``[daemon] spare_daemon`` (the default) a new daemon is a process started ahead of need
+  (`spare`), not a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nydus_fuse.backend import upgrade as upgrades
 from nydus_fuse.backend.client import FuseSessionClient
 from nydus_fuse.backend.crash_loop import CrashLoopBreaker
 from nydus_fuse.backend.holder_client import HolderError, SessionHolder
+from nydus_fuse.backend.spare import SPARE_DAEMON, Spare
 from nydus_fuse.backend.standby import Standbys
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class FusedevBackend(NydusdBackend):
         self.crash_loop = crash_loop or CrashLoopBreaker()
         self.standbys = Standbys(self)
         self.session_holder: SessionHolder | None = None
+        self.spare: Spare | None = None
 
     # -- the backend as a whole ---------------------------------------------------------------
     def open(self, ctx: BackendContext, recorded: Sequence[DaemonRecord]) -> None:
@@ -83,6 +87,11 @@ class FusedevBackend(NydusdBackend):
             self.session_holder = SessionHolder(ctx.root, log_file=log_file)
         self._reconcile_holder(recorded)
         self._kill_unrecorded_daemons(recorded)
+        if SPARE_DAEMON.get(ctx.config) and ctx.config.daemon_mode in ("dedicated", "shared"):
+            log_dir = None if ctx.config.log.log_to_stdout else Path(ctx.config.log_dir)
+            self.spare = Spare(ctx.root, ctx.config.daemon.nydusd_path, log_dir)
+            self.spare.kill_leftovers()
+            self.spare.start()
 
     def _kill_unrecorded_daemons(self, recorded: Sequence[DaemonRecord]) -> None:
         """Start-up: kill daemon programs (and warm standbys) serving an API socket under
@@ -134,6 +143,11 @@ class FusedevBackend(NydusdBackend):
         snapshotter runs keeps its mount, and the next start-up fails it over."""
         if self.session_holder is not None:
             self.session_holder.close()
+        if self.spare is not None:
+            self.spare.stop()
+
+    def take_spare(self, argv: Sequence[str], log_file: Path | None) -> int | None:
+        return None if self.spare is None else self.spare.take(argv, log_file)
 
     def watch_pids(self) -> list[int]:
         holder = self.session_holder
@@ -173,7 +187,7 @@ class FusedevBackend(NydusdBackend):
         if self.session_holder is not None and self.supervisor_path(daemon) is None:
             daemon.backend_data[SUPERVISOR_PATH] = str(self.session_holder.ensure(daemon.id).path)
         self.standbys.remember(daemon, instance)
-        return self.spawn(daemon, instance)
+        return self.spawn(daemon, instance, spare=True)
 
     def extra_args(self, daemon: DaemonRecord) -> list[str]:
         argv: list[str] = []

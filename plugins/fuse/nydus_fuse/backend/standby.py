@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PID_FILE = "standby.pid"
+LISTEN_WAIT = 10.0  # seconds a failover waits for a standby that is still starting
 SOCKETS = ("api.sock", "standby.sock")
 
 
@@ -116,6 +118,16 @@ def is_warm(standby: Standby) -> bool:
             return bool(client.daemon_info().raw.get("takeover_ready"))
     except (NydusdApiError, NydusdUnreachable, OSError):
         return False
+
+
+def _wait_listening(standby: Standby, timeout: float = LISTEN_WAIT) -> None:
+    """Wait (bounded) while a live standby has not bound its API socket yet: it was spawned
+    moments before the death and is still importing."""
+    deadline = time.monotonic() + timeout
+    while not standby.api_socket.exists() and runs(standby.pid, standby.api_socket):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)
 
 
 class Standbys:
@@ -200,6 +212,7 @@ class Standbys:
                 return False
             old_socket, old_pid = daemon.api_socket, daemon.pid
             daemon.api_socket, daemon.pid = found.api_socket, found.pid
+            _wait_listening(found)  # one still starting is nearer to serving than a cold spawn
             try:
                 drive(self.backend, daemon, STATE_INIT)  # the usual case, without asking its state first
                 promoted = True

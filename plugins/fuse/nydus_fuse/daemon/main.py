@@ -3,7 +3,8 @@
 ``nydusd-py fuse --mountpoint M --apisock S [--config C --bootstrap B] ...``: with a bootstrap the
 daemon is dedicated to that image (mounted at M); without, it is shared and images are attached
 under ``M/<id>`` by ``POST /api/v1/mount``. The API answers from the start (state INIT) and says
-RUNNING once the FUSE session is up. SIGTERM/SIGINT unmount cleanly.
+RUNNING once the FUSE session is up. SIGTERM/SIGINT unmount cleanly. ``nydusd-py spare`` is a
+process started ahead of need that becomes such a daemon when handed its command line (spare.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("--version", "-V"):
         sys.stdout.write(version_text())
         return 0
+    if argv and argv[0] == "spare":  # started ahead of need; becomes a daemon (spare.py)
+        from nydus_fuse.daemon.spare import run
+
+        return run(argv[1:])
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_file)
     log.info("starting: %s", " ".join(argv))

@@ -1,0 +1,135 @@
+"""``[daemon] spare_daemon``: a pre-started ``nydusd-py spare`` becomes the next daemon.
+
+Real processes: ``containerd-nydus-grpc`` driven over gRPC, the spare, the daemon it becomes
+serving a real FUSE mount. The spare is niced; once handed a command line it is that daemon in
+every way the snapshotter can see (its ``/proc`` command line names the daemon's API socket, its
+priority is the snapshotter's, its log is the daemon's), a new spare takes its place, and a
+spare never outlives its snapshotter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fuse_helpers import nydusd_py
+from nydus_fuse.backend.spare import TITLE_ROOM
+from test_snapshotter_crash_failover import FILES, Stack, spare_pids
+
+from nydus_core.testing.images import Image
+from nydus_core.testing.services import live_pids_mentioning, unmount_below, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a for a in f.read().split(b"\0") if a]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nysp-", dir="/tmp"))  # short: unix socket paths
+    yield d
+    for pid in live_pids_mentioning(str(d)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    unmount_below(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_prepare_takes_the_spare_and_a_new_one_waits(workdir: Path, image: Image) -> None:
+    stack = Stack(workdir, image)
+    snap = stack.snapshotter()
+    snap.start()
+    try:
+        spare_sock = stack.root / "spare" / "api.sock"
+        wait_until(lambda: len(spare_pids(stack.root)) == 1 and spare_sock.exists(), 30, "a spare daemon")
+        (spare,) = spare_pids(stack.root)
+        assert os.getpriority(os.PRIO_PROCESS, spare) == 19
+        assert (spare_sock.stat().st_mode & 0o777) == 0o600
+        mnt = stack.pull_and_prepare()
+        (daemon,) = snap.system_get("/api/v1/daemons")
+        assert daemon["pid"] == spare  # the spare became the daemon
+        args = _cmdline(spare)
+        assert os.fsencode(daemon["api_socket"]) in args and b"spare" not in args
+        assert args[1:3] == [os.fsencode(str(nydusd_py())), b"fuse"]
+        assert os.getpriority(os.PRIO_PROCESS, spare) == os.getpriority(os.PRIO_PROCESS, snap.pid or 0)
+        assert (mnt / "d" / "f7").read_bytes() == b"7" * 7 and (mnt / "big").read_bytes() == FILES["big"]
+        # logs go where a cold daemon's go (here --log-to-stdout: the snapshotter's output)
+        logged = snap.log_path.read_text()
+        assert "spare: becoming" in logged and f"RUNNING at {daemon['mountpoint']}" in logged
+        # a new spare replaces the one taken
+        wait_until(lambda: [p for p in spare_pids(stack.root) if p != spare] != [], 30, "a new spare")
+        stack.release()
+    finally:
+        snap.kill9()
+    # killed -9, the snapshotter leaves no spare behind (the spare watches its parent)
+    wait_until(lambda: spare_pids(stack.root) == [], 10, "the spare to leave with its snapshotter")
+
+
+@pytest.fixture
+def image() -> Image:
+    from nydus_core.testing.images import build_image
+
+    d = Path(tempfile.mkdtemp(prefix="nysp-img-", dir="/tmp"))
+    return build_image(d, FILES)
+
+
+def _spare(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = tmp / "spare.sock"
+    proc = subprocess.Popen([str(nydusd_py()), "spare", "--apisock", str(sock), "--title-room", "_" * 600,
+                             "--log-file", str(tmp / "spare.log")])  # fmt: skip
+    wait_until(sock.exists, 30, "the spare to listen")
+    return proc, sock
+
+
+def _ask(sock: Path, doc: object) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(json.dumps(doc).encode() + b"\n")
+        return s.makefile("rb").readline().decode().strip()
+
+
+def test_spare_refuses_what_it_cannot_become_and_stays_a_spare() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="nysp-", dir="/tmp"))
+    proc, sock = _spare(tmp)
+    try:
+        program = str(nydusd_py())
+        long_path = "/x" * 400  # 800 bytes: more than the 600 reserved
+        assert _ask(sock, {"argv": [program, "fuse", "--apisock", long_path]}).startswith("no: ")
+        assert _ask(sock, {"argv": ["/bin/true", "fuse"]}).startswith("no: ")
+        assert _ask(sock, {"argv": "fuse"}).startswith("no: ")
+        assert _ask(sock, {"argv": [program, "fuse"], "priority": "high"}).startswith("no: ")
+        assert proc.poll() is None and b"spare" in b"\0".join(_cmdline(proc.pid))
+        # a command line that fits: it becomes that daemon (here one argparse refuses: exit 2)
+        assert _ask(sock, {"argv": [program, "fuse", "--apisock", str(tmp / "d.sock")]}) == "ok"
+        assert proc.wait(timeout=30) == 2
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert live_pids_mentioning(str(tmp)) == []
+
+
+def test_title_room_fits_a_long_daemon_command_line() -> None:
+    """The room reserved is several times a daemon's command line with long paths."""
+    path = "/var/lib/containerd-nydus/" + "x" * 60
+    argv = [str(nydusd_py()), "fuse", "--thread-num", "4", "--config", f"{path}/config.json", "--bootstrap",
+            f"{path}/image.boot", "--mountpoint", f"{path}/mnt", "--apisock", f"{path}/api.sock",
+            "--log-level", "info", "--log-file", f"{path}/nydusd.log", "--supervisor", f"{path}/sup.sock",
+            "--id", "x" * 20, "--failover-policy", "resend"]  # fmt: skip
+    assert 3 * len("\0".join(argv)) < TITLE_ROOM
