@@ -18,9 +18,11 @@ upgrade):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +64,14 @@ def copy_blob_meta(image: ImageSource, snapshot_dir: Path, cache: Path) -> None:
                 os.replace(tmp, target)
 
 
+def _warm_api_client(path: Path = Path("/nonexistent/api.sock")) -> None:
+    """Build (and drop) one API client at start-up: the first one imports httpcore's lazy
+    dependencies (trio among them, about 0.1 s), which would otherwise be paid by the first
+    Prepare that waits for a daemon."""
+    with contextlib.suppress(Exception):
+        NydusdClient(path).close()
+
+
 class NydusdBackend(Backend):
     """A backend whose daemons are a nydusd-compatible program; subclass it per driver."""
 
@@ -74,6 +84,7 @@ class NydusdBackend(Backend):
         super().open(ctx, recorded)
         self.config: SnapshotterConfig = ctx.config
         self.template = load_template(Path(ctx.config.daemon.nydusd_config))
+        threading.Thread(target=_warm_api_client, name="warm-api-client", daemon=True).start()
 
     # -- per image ----------------------------------------------------------------------------
     def prepare(
