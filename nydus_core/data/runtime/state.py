@@ -7,6 +7,7 @@ for images attached to a shared daemon through ``POST /api/v1/mount?mountpoint=/
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -37,8 +38,12 @@ class ApiError(Exception):
         self.message = message
 
 
+@functools.cache
 def git_commit() -> str:
-    """The commit of the checkout this code runs from (upstream prints it in ``--version``)."""
+    """The commit of the checkout this code runs from (upstream prints it in ``--version``).
+
+    Asked once per process: it runs ``git`` (tens of milliseconds), which a pre-started daemon
+    does before it is needed."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,

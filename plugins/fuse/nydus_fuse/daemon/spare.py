@@ -71,8 +71,15 @@ def warm_up() -> None:
     import nydus_fuse.daemon.supervised  # noqa: F401
     from nydus_core.data import decoders
     from nydus_core.data.rafs import bootstrap  # noqa: F401
+    from nydus_core.data.remote import (
+        backend,  # noqa: F401
+        registry,
+    )
+    from nydus_core.data.runtime.state import git_commit
 
     decoders.installed()
+    registry.warm_up()
+    git_commit()
 
 
 def _listen(path: str) -> socket.socket:
