@@ -166,6 +166,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         return _create_tarfs(args)
     if not args.blob and not args.blob_dir:
         raise RafsError("give --blob or --blob-dir for the data blob")
+    if args.blob_dir:
+        os.makedirs(args.blob_dir, exist_ok=True)  # as upstream: the blob dir is made when missing
     is_dir = kind in ("dir-rafs", "directory")
     root = tree_from_dir(src, markers=args.whiteout_spec) if is_dir else tree_from_tar(src)
     prefetch = _prefetch_paths(args.prefetch_policy)

@@ -82,7 +82,8 @@ def test_create_unpack_round_trip(tmp_path: Path, compressor: str, digester: str
     else:
         src = FIX_TAR if source == "fixture" else rich_tar(tmp_path)
     boot, blobs, out = tmp_path / "image.boot", tmp_path / "blobs", tmp_path / "out.tar"
-    blobs.mkdir()
+    if source != "fixture":  # a missing blob dir is made, as upstream makes it
+        blobs.mkdir()
     assert main(["create", "--bootstrap", str(boot), "--blob-dir", str(blobs), "--compressor", compressor,
                  "--digester", digester, "--fs-version", "6", str(src)]) == 0  # fmt: skip
     (blob,) = blobs.iterdir()
