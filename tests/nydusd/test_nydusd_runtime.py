@@ -58,7 +58,7 @@ def test_config_parsing_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigInvalid, match=r"device\.backend must be a JSON object"):
         NydusdConfig.from_dict({"device": {"backend": []}})
     ok = localfs_config(tmp_path, tmp_path / "c")
-    assert NydusdConfig.from_dict(ok).amplify_across_files == 0
+    assert NydusdConfig.from_dict(ok).amplify_across_files == 256 << 10
     assert NydusdConfig.from_dict({**ok, "amplify_across_files": 65536}).amplify_across_files == 65536
     for bad in (-1, "64k", True):
         with pytest.raises(ConfigInvalid, match="amplify_across_files"):
