@@ -111,7 +111,7 @@ class SnapshotterSpec:
 
 BUILTIN_SNAPSHOTTERS = {
     "overlayfs": SnapshotterSpec("overlayfs", "oci", "ctr"),
-    "nydus": SnapshotterSpec("nydus", "nydus", "rpull", ours=True),
+    "nydus": SnapshotterSpec("nydus", "nydus", "rpull", ours=True, toml="[daemon]\nspare_daemon = true\n"),
     # Ours as it was before the start-up levers of issue 16: every daemon a cold interpreter
     # (no spare) and a miss amplified over 1 MiB of blind neighbours (not bounded by the file).
     "nydus-before": SnapshotterSpec("nydus", "nydus", "rpull", ours=True, label="nydus-before",
@@ -122,9 +122,9 @@ BUILTIN_SNAPSHOTTERS = {
     "stargz-go-opt": SnapshotterSpec("stargz", "estargz-opt", "rpull", peer=True, label="stargz-go-opt"),
     # Ours ([experimental] enable_stargz = true) on the very same eStargz references.
     "nydus-estargz": SnapshotterSpec("nydus", "estargz", "rpull", ours=True, stargz=True,
-                                     label="nydus-estargz"),
+                                     label="nydus-estargz", toml="[daemon]\nspare_daemon = true\n"),
     "nydus-estargz-opt": SnapshotterSpec("nydus", "estargz-opt", "rpull", ours=True, stargz=True,
-                                         label="nydus-estargz-opt"),
+                                         label="nydus-estargz-opt", toml="[daemon]\nspare_daemon = true\n"),
 }
 #: The peer's modes, in `default_snapshotters` when its binary exists.
 PEER_MODES = ("stargz-go", "stargz-go-opt")
@@ -339,7 +339,7 @@ class Sandbox:
             if self.peer is not None:
                 self.peer.start()
             self.containerd.start()
-            if self.snapshotter is not None and "spare_daemon = false" not in self.spec.toml:
+            if self.snapshotter is not None and "spare_daemon = true" in self.spec.toml:
                 # a node's snapshotter has its spare daemon waiting
                 spare = self.snapshotter.root / "spare" / "api.sock"
                 wait_until(spare.exists, 30, f"the spare daemon at {spare}")

@@ -51,6 +51,7 @@ def workdir() -> Iterator[Path]:
 
 def test_prepare_takes_the_spare_and_a_new_one_waits(workdir: Path, image: Image) -> None:
     stack = Stack(workdir, image)
+    stack.config.write_text(stack.config.read_text() + "spare_daemon = true\n")  # [daemon] is last
     snap = stack.snapshotter()
     snap.start()
     try:
