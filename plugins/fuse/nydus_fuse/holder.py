@@ -63,18 +63,26 @@ def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc).encode()
 
 
-def _listen(path: str) -> socket.socket:
-    """A SEQPACKET listener at `path`, 0600 from the first moment (umask around bind)."""
+def listen_private(path: str, kind: int = socket.SOCK_STREAM, backlog: int = 16) -> socket.socket:
+    """A unix listener at `path` (a stale socket there is replaced), 0600 from the first moment: the
+    umask is narrowed around ``bind``, so no other user can connect in between. Also the
+    spare daemon's (this module stays standard-library only, so anything may import it)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock = socket.socket(socket.AF_UNIX, kind)
     old = os.umask(0o177)
     try:
         sock.bind(path)
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(16)
+    sock.listen(backlog)
+    return sock
+
+
+def _listen(path: str) -> socket.socket:
+    """A non-blocking SEQPACKET listener at `path`, 0600 from the first moment."""
+    sock = listen_private(path, socket.SOCK_SEQPACKET)
     sock.setblocking(False)
     return sock
 

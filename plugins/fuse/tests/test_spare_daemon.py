@@ -9,16 +9,10 @@ spare never outlives its snapshotter.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,31 +20,19 @@ from fuse_helpers import nydusd_py
 from nydus_fuse.backend.spare import TITLE_ROOM
 from test_snapshotter_crash_failover import FILES, Stack, spare_pids
 
-from nydus_core.testing.images import Image
-from nydus_core.testing.services import live_pids_mentioning, unmount_below, wait_until
+from nydus_core.control.daemons import process
+from nydus_core.testing.images import Image, build_image
+from nydus_core.testing.services import live_pids_mentioning, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
 
 def _cmdline(pid: int) -> list[bytes]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [a for a in f.read().split(b"\0") if a]
+    return [a for a in process.cmdline(pid) if a]  # the spare pads with NULs
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="nysp-", dir="/tmp"))  # short: unix socket paths
-    yield d
-    for pid in live_pids_mentioning(str(d)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    unmount_below(d)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def test_prepare_takes_the_spare_and_a_new_one_waits(workdir: Path, image: Image) -> None:
-    stack = Stack(workdir, image)
+def test_prepare_takes_the_spare_and_a_new_one_waits(root: Path, image: Image) -> None:
+    stack = Stack(root, image)
     stack.config.write_text(stack.config.read_text() + "spare_daemon = true\n")  # [daemon] is last
     snap = stack.snapshotter()
     snap.start()
@@ -81,11 +63,8 @@ def test_prepare_takes_the_spare_and_a_new_one_waits(workdir: Path, image: Image
 
 
 @pytest.fixture
-def image() -> Image:
-    from nydus_core.testing.images import build_image
-
-    d = Path(tempfile.mkdtemp(prefix="nysp-img-", dir="/tmp"))
-    return build_image(d, FILES)
+def image(tmp_path: Path) -> Image:
+    return build_image(tmp_path / "img", FILES)
 
 
 def _spare(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -104,8 +83,8 @@ def _ask(sock: Path, doc: object) -> str:
         return s.makefile("rb").readline().decode().strip()
 
 
-def test_spare_refuses_what_it_cannot_become_and_stays_a_spare() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="nysp-", dir="/tmp"))
+def test_spare_refuses_what_it_cannot_become_and_stays_a_spare(root: Path) -> None:
+    tmp = root
     proc, sock = _spare(tmp)
     try:
         program = str(nydusd_py())

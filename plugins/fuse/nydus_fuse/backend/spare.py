@@ -17,7 +17,6 @@ its spare exits at once and daemons are then started cold (logged once).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -157,11 +156,3 @@ class Spare:
                         self.program, self.failures, status)  # fmt: skip
         else:
             log.info("spare daemon pid %d is gone (status %s); starting another", pid, status)
-
-    def ready(self) -> bool:
-        """Whether a spare listens (tests and the bench wait for it, as a node has one)."""
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(str(self.socket))
-            return True
-        return False

@@ -28,6 +28,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from nydus_fuse.holder import listen_private
+
 log = logging.getLogger("nydusd-py")
 
 MAX_REQUEST = 64 << 10
@@ -80,20 +82,6 @@ def warm_up() -> None:
     decoders.installed()
     registry.warm_up()
     git_commit()
-
-
-def _listen(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(4)
-    return sock
 
 
 def _read_request(conn: socket.socket) -> dict[str, object] | None:
@@ -152,7 +140,7 @@ def run(argv: Sequence[str]) -> int:
     setup_logging("info", args.log_file)
     warm_up()
     try:
-        listener = _listen(args.apisock)
+        listener = listen_private(args.apisock, backlog=4)
     except OSError as e:
         log.error("spare: cannot listen on %s: %s", args.apisock, e)
         return 1
