@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_core.data.cache.blobcache import BlobCache, ChunkCorrupt
+from nydus_core.data.cache.blobcache import BlobCache, ChunkCorrupt, prefetch_windows
 from nydus_core.data.cache.chunk_map import ChunkMap
 from nydus_core.data.cache.source import LocalFsSource, RegistrySource
 from nydus_core.data.rafs.bootstrap import Bootstrap, ChunkInfo
@@ -180,6 +180,45 @@ def test_amplified_read_of_a_file_stops_at_its_end(tmp_path: Path) -> None:
     assert all(blind.is_ready(c) for c in after)
     for c in (cache, wide, blind):
         c.close()
+
+
+def test_prefetch_windows_merge_neighbours_and_keep_the_lists_order(tmp_path: Path) -> None:
+    """A prefetch list becomes windows of neighbouring chunks up to merging_size, first-needed
+    window first; each window is one request, and cached chunks are not fetched again."""
+    img, bs, data = _image(tmp_path)
+    chunks = _file_chunks(bs, "data.bin")  # 11 chunks, stored one after another
+    src = CountingSource(str(img.blob_dir))
+    cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=0)
+    ranges = [cache.stored_range(c) for c in chunks]
+    assert all(a[0] + a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, as built
+    merging = ranges[2][0] + ranges[2][1] - ranges[0][0]  # three chunks fit a window
+    wanted = list(reversed(chunks[6:])) + chunks[:6]  # the list needs the file's tail first
+    windows = prefetch_windows(cache, wanted, merging)
+    assert [len(w) for w in windows] == [2, 3, 3, 3]
+    assert windows[0] == chunks[9:]  # holds the list's first chunk (the last one of the file)
+    assert [c for w in sorted(windows, key=lambda w: w[0].index) for c in w] == chunks
+    assert cache.read(chunks[4]) == data[4 * CS : 5 * CS]  # one chunk already cached
+    src.calls.clear()
+    requests = sum(cache.fetch_window(w) for w in windows)
+    assert requests == len(src.calls) == 5  # the window around the cached chunk is split in two
+    assert all(size <= merging for _, size in src.calls)
+    assert all(cache.is_ready(c) for c in chunks)
+    assert b"".join(cache.read_cached(c, 0, c.uncompressed_size) for c in chunks) == data
+    src.calls.clear()
+    assert sum(cache.fetch_window(w) for w in windows) == 0 and src.calls == []
+    cache.close()
+
+
+def test_prefetch_window_with_a_corrupt_chunk_caches_the_others(tmp_path: Path) -> None:
+    img, bs, _ = _image(tmp_path)
+    chunks = _file_chunks(bs, "data.bin")
+    flip_byte(img.blob, chunks[1].compressed_offset + 2)
+    cache = _cache(img, bs, tmp_path / "cache", amplify_io=0)
+    assert cache.fetch_window(chunks[:3]) == 1
+    assert cache.is_ready(chunks[0]) and cache.is_ready(chunks[2]) and not cache.is_ready(chunks[1])
+    with pytest.raises(ChunkCorrupt):
+        cache.read(chunks[1])
+    cache.close()
 
 
 def test_registry_source_adapter_calls_read_range(tmp_path: Path) -> None:

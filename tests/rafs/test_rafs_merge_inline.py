@@ -135,3 +135,36 @@ def test_merge_refuses_mismatched_chunk_sizes(tmp_path: Path) -> None:
     b, _ = create(tmp_path, "b", layer(tmp_path / "b.tar", {"g": b"b" * 10}), "--chunk-size", "0x10000")
     assert main(["merge", "-B", str(tmp_path / "m.boot"), str(a), str(b)]) == 1
     assert not (tmp_path / "m.boot").exists()
+
+
+def _first_offset(bs: Bootstrap, path: str) -> int:
+    ref = bs.file_chunks(bs.erofs.lookup(path))[0]
+    return bs.chunk_info(ref, path).compressed_offset
+
+
+def test_prefetch_files_are_laid_out_first_in_list_order(tmp_path: Path) -> None:
+    """A prefetch list orders the blob's data: named files (and files below named directories)
+    first, in the list's order, the rest by path; without a list the order is by path."""
+    files: dict[str, bytes | None] = {"a": os.urandom(5000), "d": None, "d/x": os.urandom(5000),
+                                      "d/y": os.urandom(5000), "m": os.urandom(5000), "z": os.urandom(5000)}  # fmt: skip
+    tar = layer(tmp_path / "l.tar", files)
+    plain = build(tree_from_tar(tar), io.BytesIO(), BuildOptions())
+    bs = Bootstrap(plain.bootstrap)
+    by_path = sorted(["a", "d/x", "d/y", "m", "z"], key=lambda p: _first_offset(bs, p))
+    assert by_path == ["a", "d/x", "d/y", "m", "z"]
+
+    blob = io.BytesIO()
+    ordered = build(tree_from_tar(tar), blob, BuildOptions(prefetch=["/z", "/d", "/missing"],
+                                                           prefetch_skip_missing=True))  # fmt: skip
+    bs = Bootstrap(ordered.bootstrap)
+    laid_out = sorted(["a", "d/x", "d/y", "m", "z"], key=lambda p: _first_offset(bs, p))
+    assert laid_out == ["z", "d/x", "d/y", "a", "m"]
+    assert bs.prefetch == [bs.erofs.lookup("z").nid, bs.erofs.lookup("d").nid]
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    assert ordered.blob is not None
+    (blob_dir / ordered.blob.blob_id).write_bytes(blob.getvalue())
+    with BlobSet.from_dir(bs, str(blob_dir)) as blobs:  # the data is still each file's own
+        for name, data in files.items():
+            if data is not None:
+                assert blobs.read_file(bs.erofs.lookup(name)) == data

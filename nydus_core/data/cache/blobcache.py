@@ -78,6 +78,35 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+def prefetch_windows(
+    cache: BlobCache, chunks: Sequence[ChunkInfo], merging_size: int
+) -> list[list[ChunkInfo]]:
+    """Group one blob's prefetch chunks into windows for `BlobCache.fetch_window`.
+
+    Chunks are sorted by where they are stored; a window grows while the next chunk follows
+    within `MAX_GAP` and the window stays within `merging_size` stored bytes (at least one
+    chunk). Windows come back in the order the list first needs them, so the files a
+    workload opens first arrive first. An image laid out for its prefetch list (``nydusify
+    optimize``, ``--prefetch-patterns``) has those chunks together at the blob's start, which
+    makes a few large requests; a scattered list makes more, smaller ones.
+    """
+    rank = {c.index: i for i, c in reversed(list(enumerate(chunks)))}
+    unique = {c.index: c for c in chunks if not c.flags & 0x2}  # holes have nothing stored
+    ordered = sorted(unique.values(), key=lambda c: cache.stored_range(c)[0])
+    windows: list[list[ChunkInfo]] = []
+    start = end = -1
+    for c in ordered:
+        off, size = cache.stored_range(c)
+        if windows and 0 <= off - end <= MAX_GAP and off + size - start <= max(merging_size, 1):
+            windows[-1].append(c)
+            end = off + size
+            continue
+        windows.append([c])
+        start, end = off, off + size
+    windows.sort(key=lambda w: min(rank[c.index] for c in w))
+    return windows
+
+
 class BlobCache:
     """Cached, verified chunks of one blob."""
 
@@ -200,6 +229,42 @@ class BlobCache:
             if flight.error is not None:
                 raise flight.error
             # ready now (or the leader's result was dropped): loop reads it from the file
+
+    def stored_range(self, chunk: ChunkInfo) -> tuple[int, int]:
+        """(offset, size) of the chunk's stored bytes in the blob."""
+        return self._ranges.get(chunk.index) or self.decoder.read_range(self.entry, chunk)
+
+    def fetch_window(self, chunks: Sequence[ChunkInfo]) -> int:
+        """Make a prefetch window ready: `chunks` in blob order, nearly contiguous (see
+        `prefetch_windows`), fetched in one ranged request per contiguous run of chunks that
+        are neither cached nor already in flight. Failed chunks are logged and left uncached
+        (a read fetches them again). Returns the number of requests made."""
+        runs: list[list[tuple[ChunkInfo, _Flight]]] = []
+        with self._lock:
+            run: list[tuple[ChunkInfo, _Flight]] = []
+            end = -1
+            for c in chunks:
+                if c.flags & 0x2 or self.map.is_ready(c.index) or c.index in self._flights:
+                    if run:
+                        runs.append(run)
+                    run = []
+                    continue
+                off, size = self.stored_range(c)
+                if run and not 0 <= off - end <= MAX_GAP:
+                    runs.append(run)
+                    run = []
+                fl = _Flight()
+                self._flights[c.index] = fl
+                run.append((c, fl))
+                end = off + size
+            if run:
+                runs.append(run)
+        for claimed in runs:
+            try:
+                self._run(claimed, claimed[0][0], True)
+            except Exception as e:  # one bad chunk must not end the prefetch of the others
+                log.warning("prefetch: %s", e)
+        return len(runs)
 
     def _claim(
         self, first: ChunkInfo, file_chunks: Sequence[ChunkInfo | None] | None

@@ -8,13 +8,14 @@ through the cache, and only the chunks a read overlaps are fetched.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nydus_core.data.cache.blobcache import BlobCache, CacheStats
+from nydus_core.data.cache.blobcache import BlobCache, CacheStats, prefetch_windows
 from nydus_core.data.cache.source import ChunkSource
 from nydus_core.data.decoders import DecoderSet
 from nydus_core.data.rafs import RafsError
@@ -279,13 +280,17 @@ class RafsInstance:
         except (RafsError, OSError) as e:
             log.warning("prefetch: cannot list targets: %s", e)
             return
-        work: list[ChunkInfo] = []
-        seen: set[tuple[int, int]] = set()
+        per_blob: dict[int, list[ChunkInfo]] = {}
         for nid in files:
             for info in self._chunks(self.inode(nid)):
-                if info is not None and (info.blob_index, info.index) not in seen:
-                    seen.add((info.blob_index, info.index))
-                    work.append(info)
+                if info is not None:
+                    per_blob.setdefault(info.blob_index, []).append(info)
+        # A blob's windows in the order the list needs them, blobs interleaved: every layer's
+        # first files arrive early, whichever layer they are in.
+        merging = self.config.prefetch.merging_size
+        plans = [[(self.caches[b], w) for w in prefetch_windows(self.caches[b], chunks, merging)]
+                 for b, chunks in per_blob.items()]  # fmt: skip
+        work = [step for round_ in itertools.zip_longest(*plans) for step in round_ if step is not None]
         if not work:
             return
         self.cache_stats.add(prefetch_requests=1)
@@ -295,16 +300,11 @@ class RafsInstance:
         def worker() -> None:
             while not self._stop.is_set():
                 with lock:
-                    info = next(queue, None)
-                if info is None:
+                    step = next(queue, None)
+                if step is None:
                     return
-                cache = self.caches[info.blob_index]
-                if cache.map.is_ready(info.index):
-                    continue
-                try:
-                    cache.fetch(info, prefetch=True)
-                except Exception as e:  # a bad chunk must not end prefetch of the others
-                    log.warning("prefetch: %s", e)
+                cache, window = step
+                cache.fetch_window(window)
 
         for n in range(min(self.config.prefetch.threads_count, len(work))):
             t = threading.Thread(target=worker, name=f"prefetch-{n}", daemon=True)
