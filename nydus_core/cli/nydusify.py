@@ -8,6 +8,7 @@ image and the cause; `check` exits 1 and lists every difference when the images 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from nydus_core.data.rafs import RafsError
 from nydus_core.data.remote.errors import RegistryAuthError, RegistryError
 from nydus_core.tools.convert import CheckOptions, ConvertError, ConvertOptions, Transport, check, convert
+from nydus_core.tools.optimize import OptimizeOptions, optimize
 
 log = logging.getLogger("nydusify")
 
@@ -40,14 +42,47 @@ def _transport_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="keep intermediate files here (default: a temp dir, removed)")
 
 
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
+    p.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="chunk size (hex or decimal)")
+    p.add_argument("--fs-version", default="6", choices=["6"], help="RAFS version (only 6)")
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} (e.g. '[\"python3\", \"-V\"]')") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"not a JSON array of strings: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nydusify", description="Convert OCI images to nydus (RAFS v6) images")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert an OCI image and push the nydus image")
     _transport_args(c)
-    c.add_argument("--compressor", default="zstd", choices=["zstd", "lz4_block", "none"])
-    c.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="chunk size (hex or decimal)")
-    c.add_argument("--fs-version", default="6", choices=["6"], help="RAFS version (only 6)")
+    _build_args(c)
+    c.add_argument("--prefetch-patterns", action="store_true",
+                   help="read paths to prefetch at mount from stdin, one absolute path per line; their "
+                        "data goes first in the blobs")  # fmt: skip
+    c.add_argument("--prefetch-dir", action="append", default=[], metavar="PATH",
+                   help="an absolute path in the image to prefetch (repeatable)")  # fmt: skip
+    o = sub.add_parser("optimize", help="run a workload once and convert with the files it opens "
+                                        "prefetched and laid out first")  # fmt: skip
+    _transport_args(o)
+    _build_args(o)
+    o.add_argument("--args", type=_json_list, help='the command, as a JSON array (default: the image\'s Cmd)')
+    o.add_argument("--entrypoint", type=_json_list, help="as a JSON array (default: the image's Entrypoint)")
+    o.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
+    o.add_argument("--cwd", help="working directory (default: the image's WorkingDir)")
+    o.add_argument("--period", type=float, default=60.0,
+                   help="seconds to watch a workload that does not exit (default 60)")  # fmt: skip
+    o.add_argument("--net-host", action="store_true", help="run in the host's network namespace")
+    o.add_argument("--probe-url", help="stop recording once this URL first answers (a server is ready); "
+                                       "needs --net-host")  # fmt: skip
+    o.add_argument("--prefetch-out", metavar="FILE", help="also write the recorded list here")
     k = sub.add_parser("check", help="check that a nydus image holds the source image's filesystem")
     _transport_args(k)
     return p
@@ -58,13 +93,40 @@ def _transports(args: argparse.Namespace) -> tuple[Transport, Transport]:
             Transport(insecure=args.target_insecure, plain_http=args.plain_http))  # fmt: skip
 
 
+def _prefetch_list(args: argparse.Namespace) -> list[str]:
+    """``--prefetch-dir`` paths, then (``--prefetch-patterns``) stdin's lines, as upstream reads them."""
+    paths = list(args.prefetch_dir)
+    if args.prefetch_patterns:
+        paths += [line.strip() for line in sys.stdin if line.strip()]
+    for path in paths:
+        if not path.startswith("/"):
+            raise ConvertError(f"prefetch path {path!r} is not absolute")
+    return paths
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     source, target = _transports(args)
     opts = ConvertOptions(compressor=args.compressor, chunk_size=args.chunk_size,
                           fs_version=args.fs_version, platform=args.platform, work_dir=args.work_dir,
-                          source=source, target=target)  # fmt: skip
+                          source=source, target=target, prefetch=_prefetch_list(args))  # fmt: skip
     result = convert(args.source, args.target, opts)
     print(f"converted {args.source} -> {args.target} ({result.manifest_digest})")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    if args.probe_url and not args.net_host:
+        raise ConvertError("--probe-url needs --net-host (the container has no network of its own)")
+    source, target = _transports(args)
+    conv = ConvertOptions(compressor=args.compressor, chunk_size=args.chunk_size,
+                          fs_version=args.fs_version, platform=args.platform, work_dir=args.work_dir,
+                          source=source, target=target)  # fmt: skip
+    opts = OptimizeOptions(convert=conv, args=args.args, entrypoint=args.entrypoint, env=args.env,
+                           cwd=args.cwd, period=args.period, net_host=args.net_host,
+                           probe_url=args.probe_url, prefetch_out=args.prefetch_out)  # fmt: skip
+    result = optimize(args.source, args.target, opts)
+    print(f"optimized {args.source} -> {args.target} ({result.converted.manifest_digest}): "
+          f"{len(result.prefetch)} files prefetched")  # fmt: skip
     return 0
 
 
@@ -85,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
-    handlers = {"convert": cmd_convert, "check": cmd_check}
+    handlers = {"convert": cmd_convert, "optimize": cmd_optimize, "check": cmd_check}
     try:
         return handlers[args.command](args)
     except RegistryAuthError as exc:

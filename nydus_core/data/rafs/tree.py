@@ -13,6 +13,7 @@ raises `RafsError` naming the entry.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import io
@@ -651,6 +652,46 @@ def write_tar(root: Node, out: BinaryIO) -> None:
             else:
                 raise RafsError(f"{name}: sockets cannot be stored in a tar")
             tf.addfile(info)
+
+
+def write_dir(root: Node, dest: str | os.PathLike[str]) -> None:
+    """Materialise a merged tree (no markers) under the existing directory `dest`, as root would
+    unpack it: owners, modes, times, xattrs (best effort: a filesystem without them keeps the
+    files), device nodes and hardlinks. Directories get their times last, after their children."""
+    base = os.fsencode(dest)
+    first_path: dict[int, bytes] = {}
+    dirs: list[tuple[bytes, Node]] = []
+    for path, node in sorted_walk(root):
+        target = base + b"/" + path if path else base
+        if path and not node.is_dir and id(node) in first_path:
+            os.link(first_path[id(node)], target)
+            continue
+        first_path[id(node)] = target
+        if node.kind is Kind.DIR:
+            if path:
+                os.mkdir(target, 0o700)
+            dirs.append((target, node))
+        elif node.kind is Kind.REG:
+            with open(target, "wb") as out:
+                if node.size:
+                    assert node.content is not None
+                    with node.content.open() as f:
+                        while piece := f.read(1 << 20):
+                            out.write(piece)
+        elif node.kind is Kind.SYMLINK:
+            os.symlink(node.link_target, target)
+        elif node.kind in (Kind.CHAR, Kind.BLOCK, Kind.FIFO, Kind.SOCK):
+            os.mknod(target, node.st_mode, os.makedev(*node.rdev))
+        os.lchown(target, node.uid, node.gid)
+        for k, v in node.xattrs.items():
+            with contextlib.suppress(OSError):
+                os.setxattr(target, k, v, follow_symlinks=False)
+        if node.kind is not Kind.SYMLINK:
+            os.chmod(target, node.mode & 0o7777)
+        if node.kind is not Kind.DIR:
+            os.utime(target, ns=(node.mtime * 10**9 + node.mtime_nsec,) * 2, follow_symlinks=False)
+    for target, node in reversed(dirs):
+        os.utime(target, ns=(node.mtime * 10**9 + node.mtime_nsec,) * 2)
 
 
 def _walk_with_markers(root: Node) -> Iterator[tuple[bytes, Node, bool]]:

@@ -72,6 +72,9 @@ class ConvertOptions:
     source: Transport = field(default_factory=Transport)
     target: Transport = field(default_factory=Transport)
     progress_bar: bool | None = None  # None: only when stdout is a terminal
+    #: Absolute paths (files or directories) to prefetch at mount: the bootstrap's prefetch table,
+    #: and their data first in each blob (``--prefetch-patterns``; `nydusify optimize` records them).
+    prefetch: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -140,7 +143,8 @@ def _convert_layer(src: RemoteImage, index: int, desc: dict[str, Any], diff_id: 
     tmp_blob = os.path.join(work, "blobs", f".layer-{index}.tmp")
     with open(tmp_blob, "wb") as f:
         result = build(tree, f, BuildOptions(chunk_size=opts.chunk_size, compressor=opts.compressor,
-                                             digester=opts.digester, whiteout_spec="oci"))  # fmt: skip
+                                             digester=opts.digester, whiteout_spec="oci",
+                                             prefetch=opts.prefetch, prefetch_skip_missing=True))  # fmt: skip
     del tree
     os.unlink(tar_path)
     if result.blob is None:
@@ -243,7 +247,11 @@ def convert(source: str, target: str, opts: ConvertOptions | None = None) -> Con
         diff_ids_in = diff_ids_of(src.config, len(src.layers))
         layers = [_convert_layer(src, i, d, diff_ids_in[i], work, opts) for i, d in enumerate(src.layers)]
 
-        merged = merge_bootstraps([Bootstrap(layer.bootstrap) for layer in layers], whiteout_spec="oci")
+        merged = merge_bootstraps([Bootstrap(layer.bootstrap) for layer in layers], whiteout_spec="oci",
+                                  prefetch=opts.prefetch, prefetch_skip_missing=True)  # fmt: skip
+        if opts.prefetch:
+            found = len(Bootstrap(merged.bootstrap).prefetch)
+            log.info("prefetch table: %d of %d listed paths are in the image", found, len(opts.prefetch))
         blob_ids = [b.blob_id for b in merged.blobs]
         pushed = [layer.blob_id for layer in layers if layer.blob_id]
         # The blob table lists the blobs the merged tree still uses, in first-use order; a layer
