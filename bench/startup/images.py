@@ -55,9 +55,14 @@ OPTIMIZE_HTTP_PERIOD_S = 8
 OPTIMIZE_EXIT_PERIOD_S = 300
 
 
+#: Formats made per workload (optimized for it): ``estargz-opt`` (``ctr-remote image optimize``) and
+#: ``nydus-opt`` (our ``nydusify optimize``).
+PER_WORKLOAD = ("estargz-opt", "nydus-opt")
+
+
 def ref_key(fmt: str, workload: str) -> str:
-    """The `BuiltImage.refs` key of format `fmt` for `workload`: ``estargz-opt`` is per workload."""
-    return f"{fmt}-{workload}" if fmt == "estargz-opt" else fmt
+    """The `BuiltImage.refs` key of format `fmt` for `workload` (`PER_WORKLOAD` formats are per workload)."""
+    return f"{fmt}-{workload}" if fmt in PER_WORKLOAD else fmt
 
 
 @attrs.frozen
@@ -94,11 +99,13 @@ def _size(registry_host: str, ref: str) -> int:
 
 
 def build_image(name: str, workdir: Path, registry_host: str,
-                estargz_workloads: Sequence[Workload] | None = None) -> BuiltImage:
+                estargz_workloads: Sequence[Workload] | None = None,
+                optimize_workloads: Sequence[Workload] = ()) -> BuiltImage:
     """Build `name` (one of `ALL_IMAGES`), push it and its nydus conversion to `registry_host`.
 
     With `estargz_workloads` (Debian images only) also ``:estargz`` and ``:estargz-opt-<w>`` for
-    each of those workloads that runs on `name` (see the module docstring)."""
+    each of those workloads that runs on `name` (see the module docstring); with
+    `optimize_workloads`, ``:nydus-opt-<w>`` made by ``nydusify optimize`` for each of those."""
     if name == "busybox":
         oci = build_busybox_image(workdir / name, registry_host, repo="bench-busybox")
         nydus = oci.rsplit(":", 1)[0] + ":nydus"
@@ -110,10 +117,30 @@ def build_image(name: str, workdir: Path, registry_host: str,
     else:
         raise ImageBuildError(f"unknown image {name!r}; known: {', '.join(ALL_IMAGES)}")
     refs = {"oci": oci, "nydus": nydus}
+    for wl in optimize_workloads:
+        if wl.image == name:
+            refs[ref_key("nydus-opt", wl.name)] = optimize_nydus(oci, wl)
     if estargz_workloads is not None and name in DEBIAN_IMAGES:
         refs.update(build_estargz(oci, workdir / name / "estargz",
                                   [w for w in estargz_workloads if w.image == name]))
     return BuiltImage(name, refs, {fmt: _size(registry_host, ref) for fmt, ref in refs.items()})
+
+
+def optimize_nydus(oci_ref: str, wl: Workload) -> str:
+    """``nydusify optimize`` of `oci_ref` for `wl` (the same run bounds as the eStargz optimize:
+    a server is recorded until its first response); returns the reference pushed."""
+    dst = f"{oci_ref.rsplit(':', 1)[0]}:{ref_key('nydus-opt', wl.name)}"
+    flags = ["--period", str(OPTIMIZE_EXIT_PERIOD_S)]
+    argv = list(wl.argv)
+    if wl.ready == "http":
+        port = OPTIMIZE_HTTP_PORT if _port_free(OPTIMIZE_HTTP_PORT) else free_tcp_port()
+        argv = [a.replace("{port}", str(port)) for a in argv]
+        flags = ["--period", str(OPTIMIZE_HTTP_PERIOD_S), "--net-host",
+                 "--probe-url", f"http://127.0.0.1:{port}/"]
+    _run(NYDUSIFY, "optimize", "--plain-http", "--source", oci_ref, "--target", dst,
+         "--args", json.dumps(argv), *flags, timeout=900)
+    print(f"bench: {dst} ready", file=sys.stderr, flush=True)
+    return dst
 
 
 def build_estargz(oci_ref: str, workdir: Path, workloads: Sequence[Workload]) -> dict[str, str]:

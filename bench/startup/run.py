@@ -146,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     estargz_wls = None
     if any(s.fmt.startswith("estargz") for s in specs):
         estargz_wls = [WORKLOADS[w] for w in wls] if any(s.fmt == "estargz-opt" for s in specs) else []
+    optimize_wls = [WORKLOADS[w] for w in wls] if any(s.fmt == "nydus-opt" for s in specs) else []
     try:
         with FaultyProxy(registry.url, max_concurrency=64) as proxy:
             built: dict[str, BuiltImage] = {}
             for name in images:
                 print(f"bench: building {name} ...", file=sys.stderr, flush=True)
-                built[name] = build_image(name, work / "images", registry.host, estargz_wls)
+                built[name] = build_image(name, work / "images", registry.host, estargz_wls, optimize_wls)
                 print(f"bench: {name}: {built[name].sizes}", file=sys.stderr, flush=True)
             template = nydusd_template(args.amplify_io)
             # The limit's trace reads with our nydus mode (amplification off) whatever lazy modes run.
