@@ -138,6 +138,32 @@ def test_prefetch_follows_the_bootstrap_prefetch_table(tmp_path: Path) -> None:
         inst.close()
 
 
+def test_prefetch_of_a_laid_out_list_takes_few_large_requests(tmp_path: Path) -> None:
+    """Every other file of a directory is prefetched. Built with that list (laid out first) the
+    prefetch is a few merging_size requests; the same list on an image laid out by path, where
+    the unlisted files sit between the listed ones, costs a request per file."""
+    files = {f"d/f{i:02d}": os.urandom(20_000) for i in range(40)}
+    hot = [f"/d/f{i:02d}" for i in range(0, 40, 2)]
+    merging = 256 << 10
+    requests = {}
+    for name, build_list, runtime_list in (("laid-out", hot, []), ("by-path", [], hot)):
+        img = build_image(tmp_path / name, files, chunk_size=64 * 1024, prefetch=build_list)
+        prefetch = {"enable": True, "threads_count": 4, "merging_size": merging}
+        doc = localfs_config(img.blob_dir, tmp_path / f"cache-{name}", amplify_io=0, fs_prefetch=prefetch)
+        inst = RafsInstance(str(img.bootstrap), NydusdConfig.from_dict(doc), prefetch_files=runtime_list)
+        try:
+            inst.start_prefetch()
+            inst.wait_prefetch(10)
+            for path in hot:
+                assert inst.read_if_cached(inst.lookup_path(path[1:]), 0, 20_000) == files[path[1:]]
+            assert inst.read_if_cached(inst.lookup_path("d/f01"), 0, 4096) is None
+            requests[name] = inst.cache_stats.backend_reads
+        finally:
+            inst.close()
+    assert requests["laid-out"] <= -(-20 * 20_000 // merging) + 1  # 400 kB in 256 KiB windows
+    assert requests["by-path"] == 20
+
+
 def test_api_like_upstream(image: Image, tmp_path: Path, sock: Path) -> None:
     rt = DaemonRuntime("d1", shared=True)
     server = ApiServer(str(sock), rt)
