@@ -10,9 +10,11 @@ Usage (as root)::
         --snapshotter name=stargz,socket=/run/stargz/stargz.sock,format=estargz
     python bench/startup/run.py --snapshotter-config my.toml   # [[snapshotter]] name/socket/format/pull
 
-Modes (``--snapshotter``): overlayfs, nydus, stargz-go, stargz-go-opt (the Go stargz-snapshotter on
-the unoptimized / workload-optimized eStargz image), nydus-estargz, nydus-estargz-opt (ours on the
-same eStargz images). Without ``--snapshotter``: overlayfs, nydus, and the stargz-go modes when
+Modes (``--snapshotter``): overlayfs, nydus, nydus-opt (ours on the image ``nydusify optimize``
+made for the sample's workload, prefetching its table), nydus-before (nydus without the issue-16
+start-up levers), stargz-go, stargz-go-opt (the Go stargz-snapshotter on the unoptimized /
+workload-optimized eStargz image), nydus-estargz, nydus-estargz-opt (ours on the same eStargz
+images). Without ``--snapshotter``: overlayfs, nydus, and the stargz-go modes when
 containerd-stargz-grpc is there. Samples of one network condition run in shuffled order (the
 bandwidth limit is set once per condition); each sample starts from a clean state (see
 `startup.harness`). A sample that fails is reported and recorded with its error, the run goes on,
@@ -55,7 +57,7 @@ from startup.harness import (
 )
 from startup.images import ALL_IMAGES, BuiltImage, build_image
 from startup.report import charts, failure_lines, markdown_table, summarize
-from startup.shaping import FULL_GRID, QUICK_GRID, UNSHAPED, bandwidth_limit
+from startup.shaping import FULL_GRID, QUICK_GRID, SLOW_LINK, UNSHAPED, bandwidth_limit
 
 DEFAULT_WORKLOADS = {
     "busybox": ["busybox-cat"],
@@ -67,7 +69,9 @@ DEFAULT_WORKLOADS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--grid", choices=("quick", "full", "unshaped"), default="quick")
+    p.add_argument("--grid", choices=("quick", "full", "unshaped", "slow", "quick+slow"), default="quick",
+                   help="networks: quick = unshaped + 100 Mbit/s 20 ms; slow = 3 MB/s 100 ms; "
+                        "full = all four")
     p.add_argument("-n", "--samples", type=int, default=3, help="samples per cell (default 3)")
     p.add_argument("--images", default="busybox,python", help=f"comma list of {','.join(ALL_IMAGES)}")
     p.add_argument("--workloads", default="", help=f"comma list (default: all of the images'); "
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     wls = workloads(args, images)
     images = list(dict.fromkeys([*images, *(WORKLOADS[w].image for w in wls)]))
     specs = snapshotters(args)
-    grid = {"quick": QUICK_GRID, "full": FULL_GRID, "unshaped": (UNSHAPED,)}[args.grid]
+    grid = {"quick": QUICK_GRID, "full": FULL_GRID, "unshaped": (UNSHAPED,), "slow": (SLOW_LINK,),
+            "quick+slow": (*QUICK_GRID, SLOW_LINK)}[args.grid]
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -31,7 +31,8 @@ class Network:
 
 UNSHAPED = Network("unshaped", None, 0.0)
 QUICK_GRID = (UNSHAPED, Network("100mbit-20ms", 100.0, 20.0))
-FULL_GRID = (*QUICK_GRID, Network("25mbit-50ms", 25.0, 50.0), Network("3MBps-100ms", 24.0, 100.0))
+SLOW_LINK = Network("3MBps-100ms", 24.0, 100.0)
+FULL_GRID = (*QUICK_GRID, Network("25mbit-50ms", 25.0, 50.0), SLOW_LINK)
 
 
 class ShapingError(RuntimeError):
