@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def write_estargz(
             "mode": it.mode,
             "uid": it.uid,
             "gid": it.gid,
-            "modtime": "2023-11-14T22:13:20Z",
+            "modtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(it.mtime)),
         }
         if it.link:
             entry["linkName"] = it.link
