@@ -35,6 +35,7 @@ from nydus_stargz.toc import PREFETCH_LANDMARK, TOC_NAME, Toc, TocEntry, TocErro
 DEFAULT_CHUNK_SIZE = 4 << 20  # eStargz's default chunk size, and upstream's --chunk-size 0x400000
 MAX_CHUNK_SIZE = 16 << 20
 ALIGN = 4096
+MAX_MAJOR, MAX_MINOR = 0xFFF, 0xFFFFF  # the kernel's dev_t: 12 bits of major, 20 of minor
 
 _TAR_TYPES = {
     "dir": tarfile.DIRTYPE,
@@ -100,6 +101,17 @@ def _place(root: Node, e: TocEntry) -> Node | None:
     return node
 
 
+def _utf8(name: str) -> bool:
+    """Whether a name is UTF-8 text (not bytes kept as surrogate escapes)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _chunk_digest(e: TocEntry, what: str, single: bool) -> bytes:
     if e.chunk_digest:
         return _sha256(e.chunk_digest)
@@ -131,6 +143,11 @@ def _collect(toc: Toc, root: Node) -> tuple[list[_File], list[str]]:
             continue
         if e.type != "reg":
             current = None
+            if e.type in ("char", "block") and (e.dev_major > MAX_MAJOR or e.dev_minor > MAX_MINOR):
+                raise TocError(
+                    f"{what}: device {e.dev_major}:{e.dev_minor} does not fit a Linux dev_t "
+                    f"(major at most {MAX_MAJOR}, minor at most {MAX_MINOR})"
+                )
             _place(root, e)
             continue
         if e.name.strip("/").removeprefix("./") == PREFETCH_LANDMARK:
@@ -146,7 +163,7 @@ def _collect(toc: Toc, root: Node) -> tuple[list[_File], list[str]]:
             if e.chunk_offset != 0:
                 raise TocError(f"{what}: the first chunk of a file must start at 0, not {e.chunk_offset}")
             f.pieces.append(_Piece(e.offset, e.inner_offset, 0, e.chunk_size, b""))
-        if not landmark_seen:
+        if not landmark_seen and _utf8(e.name):  # the writer's prefetch paths are UTF-8 text
             prefetch.append("/" + e.name.strip("/").removeprefix("./"))
     if not landmark_seen:
         prefetch = []  # without the landmark nothing is prioritised

@@ -198,6 +198,11 @@ def _str(doc: Mapping[str, Any], key: str, what: str) -> str:
         raise TocError(f"{what}: {key} must be a string, got {type(value).__name__}")
     if "\0" in value:
         raise TocError(f"{what}: {key} contains a NUL byte")
+    if not value.isascii():
+        try:  # a JSON "\ud800" escape is a lone surrogate, which no name can hold
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise TocError(f"{what}: {key} {value!r} is not text (a lone surrogate)") from None
     return value
 
 
@@ -236,7 +241,11 @@ def _xattrs(doc: Mapping[str, Any], what: str) -> dict[bytes, bytes]:
         if not isinstance(value, str) or not key or "\0" in key:
             raise TocError(f"{what}: xattr {key!r} must be a non-empty name with a base64 string value")
         try:
-            out[key.encode("utf-8", "surrogateescape")] = base64.b64decode(value, validate=True)
+            name = key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise TocError(f"{what}: xattr name {key!r} is not text (a lone surrogate)") from None
+        try:
+            out[name] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise TocError(f"{what}: xattr {key!r} is not valid base64") from None
     return out

@@ -15,6 +15,7 @@ import os
 import tarfile
 from typing import Any
 
+import pytest
 from estargz_writer import Item, footer, write_estargz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -95,6 +96,9 @@ POOL = st.sampled_from(
         ".wh.a",
         "d/.wh..wh..opq",
         "x\x00y",
+        "\ud800",
+        "a/\udcff",
+        1 << 20,
         ".prefetch.landmark",
         "a" * 300,
         "é/ü",
@@ -123,6 +127,8 @@ VALID_BLOB, VALID_TOC = write_estargz(
         Item("h", "hardlink", link="d/f"),
         Item("l", "symlink", link="d/f"),
         Item(".wh.x", data=b""),
+        Item("c", "char", dev=(5, 1)),
+        Item("e/", "dir", xattrs={"user.a": b"1"}),
     ]
 )
 VALID_ENTRIES = json.loads(VALID_TOC)["entries"]
@@ -203,3 +209,35 @@ def test_fuzz_toc_member_gzip_of_junk(payload: bytes) -> None:
     for member in (gzip.compress(payload), gzip.compress(buf.getvalue()), payload):
         with contextlib.suppress(TocError):
             read_toc_member(member)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "\ud800", "type": "dir"}, "name '\\\\ud800' is not text"),
+        ({"name": "l", "type": "symlink", "linkName": "x\udfff"}, "linkName 'x\\\\udfff' is not text"),
+        ({"name": "d", "type": "dir", "xattrs": {"user.\ud800": "AA=="}}, "xattr name 'user.\\\\ud800'"),
+        ({"name": "c", "type": "char", "devMajor": 4096}, "device 4096:0 does not fit a Linux dev_t"),
+        ({"name": "b", "type": "block", "devMinor": 1 << 20}, "device 0:1048576 does not fit"),
+    ],
+    ids=["name-surrogate", "link-surrogate", "xattr-surrogate", "major", "minor"],
+)
+def test_values_no_layer_can_hold_are_toc_errors(entry: dict[str, Any], message: str) -> None:
+    """Found by a seeded corpus: a lone surrogate escape (Go never writes one) failed to encode
+    and a device number past the kernel's 12/20-bit dev_t was encoded wrong or failed to pack."""
+    raw = json.dumps({"version": 1, "entries": [entry]}).encode()
+    with pytest.raises(TocError, match=message):
+        build_layer(parse_toc(raw), _toc_file(raw), blob_id="cd" * 32, blob_size=1 << 20, toc_offset=4096)
+
+
+def test_surrogate_escapes_of_bytes_still_name_files() -> None:
+    """``\\udc80``-``\\udcff`` stand for bytes that are not UTF-8 (surrogateescape): such names stay
+    usable, and stay out of the prefetch table (whose paths are text)."""
+    entries = [
+        {"name": "f\udcff", "type": "reg", "size": 0},
+        {"name": "g", "type": "reg", "size": 0},
+        {"name": ".prefetch.landmark", "type": "reg", "size": 0},
+    ]
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    built = build_layer(parse_toc(raw), _toc_file(raw), blob_id="cd" * 32, blob_size=1 << 20, toc_offset=4096)
+    assert built.prefetch == ("/g",)
