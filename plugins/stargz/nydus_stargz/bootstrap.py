@@ -28,7 +28,7 @@ import attrs
 from nydus_core.data.rafs import RafsError
 from nydus_core.data.rafs.blob import COMPRESSOR_NAMES, DIGESTER_NAMES, BlobChunk
 from nydus_core.data.rafs.bootstrap import BlobEntry
-from nydus_core.data.rafs.tree import Kind, Node, StoredChunk, add_tar_member, new_dir
+from nydus_core.data.rafs.tree import WHITEOUT_PREFIX, Kind, Node, StoredChunk, add_tar_member, new_dir
 from nydus_core.data.rafs.writer import BuildOptions, build
 from nydus_stargz.toc import PREFETCH_LANDMARK, TOC_NAME, Toc, TocEntry, TocError, TocFile
 
@@ -101,6 +101,86 @@ def _place(root: Node, e: TocEntry) -> Node | None:
     return node
 
 
+class _Placer:
+    """`_place` for a whole TOC, the plain entries without a tar header each.
+
+    A directory, regular file or symlink with a clean relative name, a new name (or a directory
+    over a directory) in a directory already placed, is made here as `add_tar_member` would
+    make it; anything else (links, devices, markers, ``.``, ``..`` or ``//`` in a name, a
+    missing parent, a name taken) goes through `_place`, which also makes every refusal.
+    `dirs` maps the paths of directories met to their nodes; it is dropped whenever `_place`
+    runs, since that may replace a node anywhere.
+    """
+
+    def __init__(self, root: Node) -> None:
+        self.root = root
+        self.dirs: dict[bytes, Node] = {b"": root}
+
+    def place(self, e: TocEntry) -> Node | None:
+        node = self._plain(e)
+        if node is None:
+            self.dirs = {b"": self.root}
+            node = _place(self.root, e)
+        return node
+
+    def _parent(self, path: bytes) -> Node | None:
+        node = self.root
+        for part in path.split(b"/"):
+            if not part or part == b"." or part == b".." or len(part) > 255:
+                return None
+            child = node.entries.get(part)
+            if child is None or child.kind is not Kind.DIR:
+                return None
+            node = child
+        self.dirs[path] = node
+        return node
+
+    def _plain(self, e: TocEntry) -> Node | None:
+        kind = e.type
+        if kind != "reg" and kind != "dir" and kind != "symlink":
+            return None
+        path = e.name.encode("utf-8", "surrogateescape")
+        while path.startswith(b"./"):
+            path = path[2:]
+        if path.endswith(b"/"):
+            path = path[:-1]
+        if path.startswith(b"/") or b"\0" in path:
+            return None
+        cut = path.rfind(b"/")
+        name = path[cut + 1 :]
+        if not name or name == b"." or name == b".." or len(name) > 255 or name.startswith(WHITEOUT_PREFIX):
+            return None
+        up = path[:cut] if cut >= 0 else b""
+        parent = self.dirs.get(up)
+        if parent is None:
+            parent = self._parent(up)
+            if parent is None:
+                return None
+        existing = parent.entries.get(name)
+        mode, uid, gid, mtime, nsec = e.mode & 0o7777, e.uid, e.gid, e.mtime, e.mtime_nsec
+        xattrs = dict(e.xattrs)
+        if kind == "dir":
+            if existing is not None:
+                if existing.kind is not Kind.DIR:
+                    return None
+                existing.mode, existing.uid, existing.gid = mode, uid, gid
+                existing.mtime, existing.mtime_nsec, existing.xattrs = mtime, nsec, xattrs
+                return existing
+            node = Node(Kind.DIR, mode, uid, gid, mtime, nsec, xattrs)
+            self.dirs[path] = node
+        elif existing is not None:
+            return None
+        elif kind == "reg":
+            node = Node(Kind.REG, mode, uid, gid, mtime, nsec, xattrs, e.size)
+        else:
+            target = e.link_name.encode("utf-8", "surrogateescape")
+            if not target or len(target) > 4095:
+                return None
+            node = Node(Kind.SYMLINK, 0o777, uid, gid, mtime, nsec, xattrs, len(target), target)
+        parent.entries[name] = node
+        return node
+
+
 def _utf8(name: str) -> bool:
     """Whether a name is UTF-8 text (not bytes kept as surrogate escapes)."""
     if name.isascii():
@@ -112,12 +192,17 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def _chunk_digest(e: TocEntry, what: str, single: bool) -> bytes:
+def _chunk_digest(e: TocEntry, single: bool) -> bytes:
+    """The digest of a file's first piece: its chunkDigest, or the file's when it is one piece."""
     if e.chunk_digest:
         return _sha256(e.chunk_digest)
     if single and e.digest:
         return _sha256(e.digest)
-    raise TocError(f"{what}: no chunkDigest, so its data could not be verified")
+    raise TocError(f"TOC entry {e.name!r}: no chunkDigest, so its data could not be verified")
+
+
+def _what(i: int, e: TocEntry) -> str:
+    return f"TOC entry {i} ({e.name!r})"
 
 
 def _collect(toc: Toc, root: Node) -> tuple[list[_File], list[str]]:
@@ -126,33 +211,31 @@ def _collect(toc: Toc, root: Node) -> tuple[list[_File], list[str]]:
     current: _File | None = None
     prefetch: list[str] = []
     landmark_seen = False
+    placer = _Placer(root)
     for i, e in enumerate(toc.entries):
-        what = f"TOC entry {i} ({e.name!r})"
-        if e.type == "chunk":
+        kind = e.type
+        if kind == "chunk":
             if current is None or e.chunk_offset == 0:
-                raise TocError(f"{what}: a chunk entry must follow the regular file it continues")
+                raise TocError(f"{_what(i, e)}: a chunk entry must follow the regular file it continues")
+            if not e.chunk_digest:
+                raise TocError(f"{_what(i, e)}: no chunkDigest, so its data could not be verified")
             current.pieces.append(
-                _Piece(
-                    e.offset,
-                    e.inner_offset,
-                    e.chunk_offset,
-                    e.chunk_size,
-                    _chunk_digest(e, what, single=False),
-                )
+                _Piece(e.offset, e.inner_offset, e.chunk_offset, e.chunk_size, _sha256(e.chunk_digest))
             )
             continue
-        if e.type != "reg":
+        if kind != "reg":
             current = None
-            if e.type in ("char", "block") and (e.dev_major > MAX_MAJOR or e.dev_minor > MAX_MINOR):
+            if (kind == "char" or kind == "block") and (e.dev_major > MAX_MAJOR or e.dev_minor > MAX_MINOR):
                 raise TocError(
-                    f"{what}: device {e.dev_major}:{e.dev_minor} does not fit a Linux dev_t "
+                    f"{_what(i, e)}: device {e.dev_major}:{e.dev_minor} does not fit a Linux dev_t "
                     f"(major at most {MAX_MAJOR}, minor at most {MAX_MINOR})"
                 )
-            _place(root, e)
+            placer.place(e)
             continue
-        if e.name.strip("/").removeprefix("./") == PREFETCH_LANDMARK:
+        path = e.name.strip("/").removeprefix("./")
+        if path == PREFETCH_LANDMARK:
             landmark_seen = True
-        node = _place(root, e)
+        node = placer.place(e)
         current = None
         if node is None or node.kind is not Kind.REG:  # whiteouts and opaque markers carry no data
             continue
@@ -161,10 +244,12 @@ def _collect(toc: Toc, root: Node) -> tuple[list[_File], list[str]]:
         current = f
         if e.size:
             if e.chunk_offset != 0:
-                raise TocError(f"{what}: the first chunk of a file must start at 0, not {e.chunk_offset}")
+                raise TocError(
+                    f"{_what(i, e)}: the first chunk of a file must start at 0, not {e.chunk_offset}"
+                )
             f.pieces.append(_Piece(e.offset, e.inner_offset, 0, e.chunk_size, b""))
         if not landmark_seen and _utf8(e.name):  # the writer's prefetch paths are UTF-8 text
-            prefetch.append("/" + e.name.strip("/").removeprefix("./"))
+            prefetch.append("/" + path)
     if not landmark_seen:
         prefetch = []  # without the landmark nothing is prioritised
     return files, prefetch
@@ -174,32 +259,39 @@ def _resolve(files: list[_File]) -> int:
     """Fill each piece's size and digest; return the layer's chunk size."""
     sizes: set[int] = set()
     for f in files:
-        what = f"TOC entry {f.entry.name!r}"
-        if not f.entry.size:
-            if len(f.pieces) > 0:
-                raise TocError(f"{what}: an empty file has chunk entries")
+        total = f.entry.size
+        pieces = f.pieces
+        if not total:
+            if len(pieces) > 0:
+                raise TocError(f"TOC entry {f.entry.name!r}: an empty file has chunk entries")
             continue
-        single = len(f.pieces) == 1
+        if len(pieces) == 1:  # most files: one piece, the whole file, at file offset 0
+            p = pieces[0]
+            if p.size and p.size != total:
+                raise TocError(
+                    f"TOC entry {f.entry.name!r}: the last chunk is {p.size} bytes, the file has {total} left"
+                )
+            p.size = total
+            p.digest = _chunk_digest(f.entry, True)
+            continue
+        what = f"TOC entry {f.entry.name!r}"
         pos = 0
-        for k, p in enumerate(f.pieces):
+        for k, p in enumerate(pieces):
             if p.file_offset != pos:
                 raise TocError(f"{what}: chunk at file offset {p.file_offset}, expected {pos}")
-            last = k == len(f.pieces) - 1
-            size = (f.entry.size - pos) if (p.size == 0 or last) else p.size
-            if last and p.size and p.size != f.entry.size - pos:
+            last = k == len(pieces) - 1
+            size = (total - pos) if (p.size == 0 or last) else p.size
+            if last and p.size and p.size != total - pos:
+                raise TocError(f"{what}: the last chunk is {p.size} bytes, the file has {total - pos} left")
+            if size <= 0 or pos + size > total:
                 raise TocError(
-                    f"{what}: the last chunk is {p.size} bytes, the file has {f.entry.size - pos} left"
-                )
-            if size <= 0 or pos + size > f.entry.size:
-                raise TocError(
-                    f"{what}: chunk at {p.file_offset} of {size} bytes overruns the file "
-                    f"({f.entry.size} bytes)"
+                    f"{what}: chunk at {p.file_offset} of {size} bytes overruns the file ({total} bytes)"
                 )
             if not last:
                 sizes.add(size)
             p.size = size
             if k == 0:
-                p.digest = _chunk_digest(f.entry, what, single)
+                p.digest = _chunk_digest(f.entry, False)
             pos += size
     if len(sizes) > 1:
         raise TocError(f"the TOC splits files into chunks of {sorted(sizes)} bytes; RAFS needs one size")
@@ -270,24 +362,29 @@ def build_layer(
     )
     index = 0
     uoff = 0
+    nstarts = len(starts)
+    after = bisect.bisect_right
     for f in files:
         stored: list[StoredChunk] = []
+        is_toc = f is toc_f
         for p in f.pieces:
-            if p.offset > toc_offset or (p.offset == toc_offset and f is not toc_f):
+            offset, size = p.offset, p.size
+            if offset > toc_offset or (offset == toc_offset and not is_toc):
                 raise TocError(
-                    f"TOC entry {f.entry.name!r}: payload offset {p.offset} is not before the TOC "
+                    f"TOC entry {f.entry.name!r}: payload offset {offset} is not before the TOC "
                     f"({toc_offset})"
                 )
-            nxt = bisect.bisect_right(starts, p.offset)
-            end = starts[nxt] if nxt < len(starts) else blob_size
-            if f is toc_f:
+            if is_toc:  # the TOC member runs to the footer
                 end = blob_size
-            if end - p.offset > 0xFFFF_FFFF or p.size > 0xFFFF_FFFF:
+            else:  # a payload's gzip member runs to the next one
+                nxt = after(starts, offset)
+                end = starts[nxt] if nxt < nstarts else blob_size
+            if end - offset > 0xFFFF_FFFF or size > 0xFFFF_FFFF:
                 raise TocError(f"TOC entry {f.entry.name!r}: a gzip member over 4 GiB")
-            chunk = BlobChunk(index, p.offset, end - p.offset, uoff, p.size, True, p.inner)
+            chunk = BlobChunk(index, offset, end - offset, uoff, size, True, p.inner)
             stored.append(StoredChunk(entry, chunk, p.digest))
             index += 1
-            uoff += -(-p.size // ALIGN) * ALIGN
+            uoff += -(-size // ALIGN) * ALIGN
         f.node.stored = tuple(stored)
     entry.chunk_count = index
     entry.uncompressed_size = uoff

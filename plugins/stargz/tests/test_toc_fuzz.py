@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
 import tarfile
 from typing import Any
+from unittest import mock
 
+import nydus_stargz.toc as toc_mod
 import pytest
 from estargz_writer import Item, footer, write_estargz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nydus_stargz import bootstrap
 from nydus_stargz.bootstrap import build_layer
 from nydus_stargz.toc import TocError, TocFile, parse_footer, parse_toc, read_toc_member
 
@@ -241,3 +245,62 @@ def test_surrogate_escapes_of_bytes_still_name_files() -> None:
     raw = json.dumps({"version": 1, "entries": entries}).encode()
     built = build_layer(parse_toc(raw), _toc_file(raw), blob_id="cd" * 32, blob_size=1 << 20, toc_offset=4096)
     assert built.prefetch == ("/g",)
+
+
+# -- the fast paths: the same entries and bootstraps as the careful ones ------------------------------
+# Mostly names a layer has, now and then one that only `add_tar_member` may answer.
+PARTS = st.sampled_from(
+    ["a"] * 20 + ["b"] * 15 + ["c"] * 10 + ["", ".", "..", ".wh.a", ".wh..wh..opq", "x" * 256, "é", "f\udcff"]
+)
+NAMES = st.tuples(
+    st.sampled_from([""] * 12 + ["./", "./", "/", ".//"]),
+    st.lists(PARTS, min_size=1, max_size=4).map("/".join),
+    st.sampled_from([""] * 4 + ["/"] * 3 + ["//"]),
+).map("".join)
+PLAIN = st.fixed_dictionaries(
+    {
+        "name": NAMES,
+        "type": st.sampled_from(["dir", "dir", "reg", "reg", "symlink", "hardlink", "char", "fifo"]),
+    },
+    optional={
+        "linkName": st.sampled_from(["a", "a/b", "b/c"] * 4 + ["", "x" * 4096]) | NAMES,
+        "mode": st.sampled_from([0o755, 0o40755, 0o100644, 0o7777]),
+        "uid": st.integers(0, 3),
+        "modtime": st.sampled_from(["2019-06-12T17:52:45Z", "2021-01-01T00:00:00.5+01:00"]),
+        "xattrs": st.sampled_from([{"user.a": "MQ=="}, {}]),
+    },
+)
+
+
+def _outcome(raw: bytes) -> str:
+    try:
+        built = build_layer(
+            parse_toc(raw), _toc_file(raw), blob_id="cd" * 32, blob_size=1 << 20, toc_offset=4096
+        )
+    except TocError as e:
+        return f"TocError: {e}"
+    return hashlib.sha256(built.bootstrap).hexdigest() + repr((built.prefetch, built.markers))
+
+
+@FAST
+@given(st.lists(PLAIN, max_size=12))
+def test_fast_placement_makes_the_tree_add_tar_member_makes(entries: list[dict[str, Any]]) -> None:
+    """Plain entries placed by `_Placer` itself give the bootstrap (or the refusal) that placing
+    every entry with `add_tar_member` gives."""
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    fast = _outcome(raw)
+    with mock.patch.object(bootstrap._Placer, "_plain", lambda self, e: None):
+        assert _outcome(raw) == fast
+
+
+@FAST
+@given(
+    st.lists(ENTRY, max_size=3)
+    | st.lists(MUTATION, min_size=1, max_size=4).map(lambda m: _mutated(m)["entries"])
+)
+def test_fast_entry_parser_agrees(entries: list[dict[str, Any]]) -> None:
+    """`_entry_fast` makes what `_entry` makes, or leaves the entry to it."""
+    for i, doc in enumerate(entries):
+        fast = toc_mod._entry_fast(doc, {"": (0, 0)})
+        if fast is not None:
+            assert fast == toc_mod._entry(doc, i)
