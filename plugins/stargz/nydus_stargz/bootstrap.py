@@ -30,6 +30,7 @@ from nydus_core.data.rafs.blob import COMPRESSOR_NAMES, DIGESTER_NAMES, BlobChun
 from nydus_core.data.rafs.bootstrap import BlobEntry
 from nydus_core.data.rafs.tree import WHITEOUT_PREFIX, Kind, Node, StoredChunk, add_tar_member, new_dir
 from nydus_core.data.rafs.writer import BuildOptions, build
+from nydus_stargz.gcpause import paused
 from nydus_stargz.toc import PREFETCH_LANDMARK, TOC_NAME, Toc, TocEntry, TocError, TocFile
 
 DEFAULT_CHUNK_SIZE = 4 << 20  # eStargz's default chunk size, and upstream's --chunk-size 0x400000
@@ -341,6 +342,13 @@ def build_layer(
     toc: Toc, toc_file: TocFile, *, blob_id: str, blob_size: int, toc_offset: int
 ) -> LayerBootstrap:
     """The RAFS v6 bootstrap of one eStargz layer (blob id: the layer digest's hex)."""
+    with paused():
+        return _build_layer(toc, toc_file, blob_id, blob_size, toc_offset)
+
+
+def _build_layer(
+    toc: Toc, toc_file: TocFile, blob_id: str, blob_size: int, toc_offset: int
+) -> LayerBootstrap:
     root = new_dir()
     try:
         files, prefetch = _collect(toc, root)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from nydus_core.data.rafs import RafsError
+from nydus_stargz.gcpause import paused
 
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
@@ -369,6 +370,11 @@ def _entry_fast(doc: dict[str, Any], modtimes: dict[str, tuple[int, int]]) -> To
 
 def parse_toc(json_bytes: bytes) -> Toc:
     """The TOC JSON (``{"version": 1, "entries": [...]}``), every field type-checked."""
+    with paused():
+        return _parse_toc(json_bytes)
+
+
+def _parse_toc(json_bytes: bytes) -> Toc:
     if len(json_bytes) > MAX_TOC_JSON:
         raise TocError(f"eStargz TOC JSON is {len(json_bytes)} bytes (limit {MAX_TOC_JSON})")
     try:

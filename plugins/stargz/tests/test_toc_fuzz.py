@@ -8,12 +8,14 @@ else may escape. ``NYDUS_FUZZ_EXAMPLES`` scales the runs (CI: 10k TOC cases; a l
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
+import threading
 from typing import Any
 from unittest import mock
 
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nydus_stargz import bootstrap
 from nydus_stargz.bootstrap import build_layer
+from nydus_stargz.gcpause import paused
 from nydus_stargz.toc import TocError, TocFile, parse_footer, parse_toc, read_toc_member
 
 EXAMPLES = int(os.environ.get("NYDUS_FUZZ_EXAMPLES", "10000"))
@@ -304,3 +307,34 @@ def test_fast_entry_parser_agrees(entries: list[dict[str, Any]]) -> None:
         fast = toc_mod._entry_fast(doc, {"": (0, 0)})
         if fast is not None:
             assert fast == toc_mod._entry(doc, i)
+
+
+def test_gc_pause_nests_across_threads_and_restores() -> None:
+    assert gc.isenabled()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def other() -> None:
+        with paused():
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    with paused():
+        assert not gc.isenabled()
+        t.start()
+        assert inside.wait(10)
+    assert not gc.isenabled()  # the other thread's conversion still runs
+    leave.set()
+    t.join(10)
+    assert gc.isenabled()
+    with contextlib.suppress(TocError), paused():
+        parse_toc(b"{")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused():
+            pass
+        assert not gc.isenabled()  # off before, off after
+    finally:
+        gc.enable()
