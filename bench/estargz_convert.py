@@ -9,11 +9,13 @@ The layer is either a real eStargz blob (``--blob``, e.g. a layer ``ctr-remote i
 --estargz`` made, kept under ``/var/cache/nydus-core-tests/estargz/*/blobs/sha256``) or, by
 default, one written by the plugin tests' ``estargz_writer`` over directory trees of this machine
 (``/usr/lib/python3`` and ``/usr/lib/python3.11``: about 5,000 entries, the size of the TOC of the
-Debian bookworm + python3 image's big layer). The written layer's TOC member is cached in the
-temp directory, keyed by the trees' listing and the writer, so later runs start at once.
+Debian bookworm + python3 image's big layer), or over a layer tar's members (``--tar``, e.g. the
+bench's ``/var/cache/nydus-core-tests/debian-bookworm-minbase-python3.tar``: 8,243 entries). The
+written layer's TOC member is cached in the temp directory, keyed by its source and the writer, so
+later runs start at once.
 
-    .venv/bin/python bench/estargz_convert.py [-n 5] [--clock cpu] [--blob LAYER] [--profile] \\
-        [--save BOOT | --check BOOT]
+    .venv/bin/python bench/estargz_convert.py [-n 5] [--clock cpu] [--blob LAYER | --tar TAR]
+        [--profile] [--save BOOT | --check BOOT]
 
 Phases (seconds of wall or, with ``--clock cpu``, this process's CPU time; best and median of
 ``-n`` runs): ``decompress`` (``read_toc_member``), ``json`` (the parser's JSON load),
@@ -34,6 +36,7 @@ import pstats
 import stat
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 import types
@@ -89,9 +92,34 @@ def _meta(path: str) -> dict[str, Any]:
     return {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "mtime": int(st.st_mtime)}
 
 
-def _generated(trees: list[str]) -> tuple[bytes, int, int]:
+def _tar_items(path: Path) -> Iterator[Any]:
+    """A layer tar's members as the writer's items (names, modes, owners, times, xattrs as stored)."""
+    sys.path.insert(0, str(TESTS))
+    from estargz_writer import Item
+
+    kinds = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+             tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}  # fmt: skip
+    with tarfile.open(path) as tf:
+        for m in tf:
+            xattrs = {k.removeprefix("SCHILY.xattr."): v.encode("utf-8", "surrogateescape")
+                      for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}  # fmt: skip
+            meta: dict[str, Any] = {"mode": m.mode, "uid": m.uid, "gid": m.gid, "mtime": int(m.mtime),
+                                    "xattrs": xattrs}  # fmt: skip
+            if m.isreg():
+                f = tf.extractfile(m)
+                assert f is not None
+                yield Item(m.name, data=f.read(), **meta)
+            elif m.type in kinds:
+                yield Item(m.name, kinds[m.type], link=m.linkname, dev=(m.devmajor, m.devminor), **meta)
+
+
+def _generated(trees: list[str], tar: Path | None = None) -> tuple[bytes, int, int]:
     """(TOC member, TOC offset, blob size) of a layer written over `trees`, cached."""
     listing = hashlib.sha256((TESTS / "estargz_writer.py").read_bytes() + Path(__file__).read_bytes())
+    if tar is not None:
+        st = tar.stat()
+        listing.update(f"{tar.resolve()} {st.st_size} {st.st_mtime_ns}\n".encode())
+        trees = []
     for top in trees:
         for dirpath, _, filenames in os.walk(top):
             for name in sorted(filenames):
@@ -104,8 +132,8 @@ def _generated(trees: list[str]) -> tuple[bytes, int, int]:
     sys.path.insert(0, str(TESTS))
     from estargz_writer import write_estargz
 
-    print(f"writing an eStargz layer of {', '.join(trees)} (once; cached in {cache})", file=sys.stderr)
-    blob, _ = write_estargz(list(_items(trees)))
+    print(f"writing an eStargz layer of {tar or ', '.join(trees)} (once; cached in {cache})", file=sys.stderr)
+    blob, _ = write_estargz(list(_tar_items(tar) if tar is not None else _items(trees)))
     member, toc_offset, size = _tail(blob)
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "member").write_bytes(member)
@@ -186,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--runs", type=int, default=5, help="repetitions (default 5)")
     p.add_argument("--blob", type=Path, help="a real eStargz layer blob (default: one written over --tree)")
     p.add_argument("--tree", action="append", help=f"directory trees to write a layer of ({DEFAULT_TREES})")
+    p.add_argument("--tar", type=Path, help="a layer tar to write an eStargz layer of (instead of --tree)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier on a busy machine)")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print a cProfile of one conversion")
@@ -195,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     global clock
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    member, toc_offset, blob_size = _blob(args.blob) if args.blob else _generated(args.tree or DEFAULT_TREES)
+    if args.blob:
+        member, toc_offset, blob_size = _blob(args.blob)
+    else:
+        member, toc_offset, blob_size = _generated(args.tree or DEFAULT_TREES, args.tar)
     loads, writes = _instrument()
     runs: list[dict[str, float]] = []
     built: LayerBootstrap | None = None
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         phases, built, entries = run_once(member, toc_offset, blob_size, loads, writes)
         runs.append(phases)
     assert built is not None
-    src = args.blob or "generated layer"
+    src = args.blob or f"layer written of {args.tar or ', '.join(args.tree or DEFAULT_TREES)}"
     boot_digest = hashlib.sha256(built.bootstrap).hexdigest()[:16]
     print(f"{src}: TOC member {len(member)} bytes, {entries} entries, {built.blob.chunk_count} chunks; "
           f"bootstrap {len(built.bootstrap)} bytes sha256:{boot_digest}; {args.runs} runs, {args.clock} "
