@@ -140,11 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, runtime: DaemonRuntime) -> int:
+    image = None
     if args.bootstrap is not None:
         try:
             with open(args.config) as f:
                 config_text = f.read()
-            runtime.add("", args.bootstrap, config_text)
+            # Prefetch starts once the mount is up (below): started here, its threads would
+            # compete for the interpreter with the FUSE mount that Prepare is waiting for.
+            image = runtime.add("", args.bootstrap, config_text, prefetch=False)
         except (OSError, ApiError) as e:
             log.error("cannot open image %s: %s", args.bootstrap, e)
             return 1
@@ -190,6 +193,8 @@ def _serve(args: argparse.Namespace, runtime: DaemonRuntime) -> int:
             nursery.start_soon(trio.to_thread.run_sync, after_init)
             runtime.state = STATE_RUNNING
             log.info("RUNNING at %s", args.mountpoint)
+            if image is not None:
+                image.start_prefetch()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
