@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -190,7 +191,7 @@ def test_prefetch_windows_merge_neighbours_and_keep_the_lists_order(tmp_path: Pa
     src = CountingSource(str(img.blob_dir))
     cache = _cache(img, bs, tmp_path / "cache", src, amplify_io=0)
     ranges = [cache.stored_range(c) for c in chunks]
-    assert all(a[0] + a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, as built
+    assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, as built
     merging = ranges[2][0] + ranges[2][1] - ranges[0][0]  # three chunks fit a window
     wanted = list(reversed(chunks[6:])) + chunks[:6]  # the list needs the file's tail first
     windows = prefetch_windows(cache, wanted, merging)

@@ -145,8 +145,8 @@ def _first_offset(bs: Bootstrap, path: str) -> int:
 def test_prefetch_files_are_laid_out_first_in_list_order(tmp_path: Path) -> None:
     """A prefetch list orders the blob's data: named files (and files below named directories)
     first, in the list's order, the rest by path; without a list the order is by path."""
-    files: dict[str, bytes | None] = {"a": os.urandom(5000), "d": None, "d/x": os.urandom(5000),
-                                      "d/y": os.urandom(5000), "m": os.urandom(5000), "z": os.urandom(5000)}  # fmt: skip
+    files: dict[str, bytes | None] = {name: os.urandom(5000) for name in ("a", "d/x", "d/y", "m", "z")}
+    files = {"d": None, **files}
     tar = layer(tmp_path / "l.tar", files)
     plain = build(tree_from_tar(tar), io.BytesIO(), BuildOptions())
     bs = Bootstrap(plain.bootstrap)
