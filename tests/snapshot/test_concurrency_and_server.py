@@ -100,6 +100,67 @@ def test_socket_permissions_owner_and_stale_socket(short_tmp: Path) -> None:
     assert not sock.exists()
 
 
+def test_socket_path_never_refuses_a_dial_as_serving_starts_and_stops(short_tmp: Path) -> None:
+    """containerd dials a missing socket again every 10 ms but backs off for a second or more
+    after "connection refused": the address must name a listening socket from the moment it
+    exists (a bind, then a listen, at the address itself refuses in between) until it is gone
+    (closed, then unlinked, it refuses in between), and a stale one is replaced."""
+    root = short_tmp / "root"
+    sn = Snapshotter(root, SnapshotterConfig(root=root), build_plugin_manager(entry_points=False))
+    sock = short_tmp / "nydus.sock"
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def dial() -> None:
+        while not done.is_set():
+            with socket.socket(socket.AF_UNIX) as c:
+                c.setblocking(False)
+                try:
+                    c.connect(str(sock))
+                    outcome = "ok"
+                except OSError as e:
+                    outcome = type(e).__name__
+            seen[outcome] = seen.get(outcome, 0) + 1
+
+    prober = threading.Thread(target=dial)
+    prober.start()
+    try:
+        for _ in range(100):
+            server = serve(sn, sock)
+            server.stop(0)
+        refused = seen.get("ConnectionRefusedError", 0)
+        stale = socket.socket(socket.AF_UNIX)  # what a snapshotter killed -9 leaves: it refuses
+        stale.bind(str(sock))
+        stale.close()
+        server = serve(sn, sock)  # replaced by a listening one
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(sock))
+        server.stop(0)
+    finally:
+        done.set()
+        prober.join()
+        sn.close()
+    assert refused == 0, seen
+    assert seen.get("ok", 0) > 0, seen
+    assert sorted(os.listdir(short_tmp)) == ["root"]  # no staged socket left behind
+
+
+def test_long_socket_path_is_bound_in_place(short_tmp: Path) -> None:
+    """No room beside a long address for the staged name: bound at the address itself."""
+    root = short_tmp / "root"
+    sn = Snapshotter(root, SnapshotterConfig(root=root), build_plugin_manager(entry_points=False))
+    sock = short_tmp / ("s" * (104 - len(str(short_tmp))))
+    assert len(str(sock)) == 105  # grpc's limit
+    server = serve(sn, sock)
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            prepare(pb_grpc.SnapshotsStub(ch), "a")
+    finally:
+        server.stop(0)
+        sn.close()
+    assert not sock.exists()
+
+
 def test_parent_dir_is_created_private(short_tmp: Path) -> None:
     root = short_tmp / "root"
     sn = Snapshotter(root, SnapshotterConfig(root=root), build_plugin_manager(entry_points=False))

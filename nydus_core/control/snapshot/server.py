@@ -8,8 +8,10 @@ as another user, connect).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # benchmark drives 16 concurrent clients. Threads mostly wait on I/O, so be generous.
 MAX_WORKERS = 32
 MAX_MESSAGE = 64 * 1024 * 1024
+MAX_UNIX_PATH = 105  # bytes of a socket path grpc binds (sun_path: 108 with the NUL; grpc adds "//")
 
 _umask_lock = threading.Lock()
 
@@ -56,17 +59,23 @@ class RunningServer:
     def __init__(self, server: grpc.Server, address: Path) -> None:
         self.server = server
         self.address = address
+        st = os.lstat(address)
+        self._bound = (st.st_dev, st.st_ino)
 
     def stop(self, grace: float = 0.5) -> None:
-        """Stop serving; in-flight calls get at most min(grace, 0.8) s. Returns within a second."""
+        """Stop serving; in-flight calls get at most min(grace, 0.8) s. Returns within a second.
+
+        The socket goes first (if it is still ours, not a successor's), so that a client dialling
+        meanwhile finds none, which containerd retries every 10 ms, rather than one that refuses."""
         t0 = time.monotonic()
-        event = self.server.stop(min(max(grace, 0.0), 0.8))
-        event.wait(max(0.0, 0.95 - (time.monotonic() - t0)))
         try:
-            if stat.S_ISSOCK(os.lstat(self.address).st_mode):
+            st = os.lstat(self.address)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._bound:
                 os.unlink(self.address)
         except FileNotFoundError:
             pass
+        event = self.server.stop(min(max(grace, 0.0), 0.8))
+        event.wait(max(0.0, 0.95 - (time.monotonic() - t0)))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (for console scripts)."""
@@ -88,7 +97,19 @@ def serve(snapshotter: Snapshotter, address: Path, uid: int = 0, gid: int = 0) -
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(f"{address} exists and is not a socket; refusing to replace it")
-        os.unlink(address)  # stale socket of a previous run
+    # Bound beside the address and renamed onto it (replacing a stale socket of a previous run)
+    # once it listens: `address` never names a socket that refuses. containerd dials a missing
+    # socket again every 10 ms, but after "connection refused" it backs off (1 s, 1.6 s, ... up
+    # to 3 s in 1.6) and fails every call until its next try, while we serve.
+    # (a name of its own: grpc removes the path it bound when a server stops, maybe later)
+    staged = address.with_name(f".{address.name}.{os.getpid()}.{secrets.token_hex(3)}")
+    if len(os.fsencode(str(staged))) > MAX_UNIX_PATH:  # no room: bind in place
+        staged = address
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="snapshots"),
@@ -102,13 +123,15 @@ def serve(snapshotter: Snapshotter, address: Path, uid: int = 0, gid: int = 0) -
     with _umask_lock:
         old = os.umask(0o177)
         try:
-            port = server.add_insecure_port(f"unix://{address}")
+            port = server.add_insecure_port(f"unix://{staged}")
         finally:
             os.umask(old)
-    if port == 0 or not address.exists():
+    if port == 0 or not staged.exists():
         raise OSError(f"cannot listen on unix socket {address}")
-    os.chmod(address, 0o660)
-    os.chown(address, uid, gid)
+    os.chmod(staged, 0o660)
+    os.chown(staged, uid, gid)
+    if staged != address:
+        os.replace(staged, address)
     server.start()
     log.info("serving snapshots API on %s", address)
     return RunningServer(server, address)
