@@ -449,7 +449,11 @@ class ImageSetup:
         return mounts, image_dir
 
     def daemons(self) -> list[int]:
-        return [pid for pid in _pids_with(str(MINI_NYDUSD)) if _mentions(pid, str(self.root))]
+        """The stand-in daemons of this root: an API socket under ``<root>/socket/``, as the
+        snapshotter tells them apart. Not the spare daemon (``[daemon] spare_daemon``, socket
+        ``<root>/spare/api.sock``): the stand-in has no spare mode, so each spare exits at once,
+        but one may be alive for a moment when counted."""
+        return [pid for pid in _pids_with(str(MINI_NYDUSD)) if _mentions(pid, f"{self.root / 'socket'}/")]
 
     def kill_daemons(self) -> None:
         pids = self.daemons()

@@ -9,10 +9,13 @@ spare never outlives its snapshotter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,9 @@ from nydus_fuse.backend.spare import TITLE_ROOM
 from test_snapshotter_crash_failover import FILES, Stack, spare_pids
 
 from nydus_core.control.daemons import process
+from nydus_core.testing.client import SnapshotterClient
 from nydus_core.testing.images import Image, build_image
-from nydus_core.testing.services import live_pids_mentioning, wait_until
+from nydus_core.testing.services import live_pids_mentioning, process_alive, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE mounts)")
 
@@ -60,6 +64,67 @@ def test_prepare_takes_the_spare_and_a_new_one_waits(root: Path, image: Image) -
         snap.kill9()
     # killed -9, the snapshotter leaves no spare behind (the spare watches its parent)
     wait_until(lambda: spare_pids(stack.root) == [], 10, "the spare to leave with its snapshotter")
+
+
+def test_snapshotter_killed_9_restarts_serving_with_a_new_spare(root: Path, image: Image) -> None:
+    """Restarted after a kill -9, the snapshotter serves gRPC, the old spare is gone (it could not
+    leave by itself: stopped, like one niced on a busy machine that has not looked yet) and a new
+    spare listens on ``spare/api.sock``. Starting the spare does not hold up serving: the old one
+    is killed and the new one started in the background."""
+    stack = Stack(root, image)
+    stack.config.write_text(stack.config.read_text() + "spare_daemon = true\n")  # [daemon] is last
+    spare_sock = stack.root / "spare" / "api.sock"
+    snap = stack.snapshotter()
+    snap.start()
+    try:
+        wait_until(lambda: process.serving_pid(spare_sock) is not None, 30, "the first spare")
+        (old,) = spare_pids(stack.root)
+        os.kill(old, signal.SIGSTOP)
+        snap.kill9()
+        snap.restart()
+        with SnapshotterClient(stack.address) as c:
+            assert c.list() == []  # served
+        wait_until(lambda: not process_alive(old), 10, f"the old spare (pid {old}) to be killed")
+        wait_until(lambda: process.serving_pid(spare_sock) not in (None, old), 30, "a new spare")
+        assert spare_pids(stack.root) == [process.serving_pid(spare_sock)]
+        logged = snap.log_path.read_text().rsplit("=== ", 1)[1]  # the restarted snapshotter's
+        assert f"killing the spare daemon of an earlier snapshotter (pid {old})" in logged
+        assert "started spare daemon" in logged
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+        snap.kill9()
+
+
+def test_a_spare_leaving_late_does_not_remove_the_next_ones_socket(root: Path) -> None:
+    """A spare that notices late that its snapshotter is gone, after the next snapshotter's spare
+    bound the same path, leaves that socket alone (it removes only the socket it bound)."""
+    sock = root / "spare.sock"
+    spare_argv = [str(nydusd_py()), "spare", "--apisock", str(sock), "--title-room", "_" * 600]
+    # the first spare's "snapshotter": a parent that starts it and can be killed
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "print(subprocess.Popen(sys.argv[1:]).pid, flush=True); time.sleep(600)",
+                               *spare_argv], stdout=subprocess.PIPE)  # fmt: skip
+    assert parent.stdout is not None
+    first = int(parent.stdout.readline())
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(lambda: process.serving_pid(sock) == first, 30, "the first spare to listen")
+        os.kill(first, signal.SIGSTOP)  # it has not looked at its parent yet
+        second = subprocess.Popen(spare_argv)  # the next snapshotter's: replaces the socket file
+        wait_until(lambda: process.serving_pid(sock) == second.pid, 30, "the second spare to listen")
+        parent.kill()
+        parent.wait()
+        os.kill(first, signal.SIGCONT)
+        wait_until(lambda: not process_alive(first), 10, "the first spare to leave")
+        assert process.serving_pid(sock) == second.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first, signal.SIGKILL)
+        for proc in (parent, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.fixture

@@ -90,8 +90,7 @@ class FusedevBackend(NydusdBackend):
         if SPARE_DAEMON.get(ctx.config) and ctx.config.daemon_mode in ("dedicated", "shared"):
             log_dir = None if ctx.config.log.log_to_stdout else Path(ctx.config.log_dir)
             self.spare = Spare(ctx.root, ctx.config.daemon.nydusd_path, log_dir)
-            self.spare.kill_leftovers()
-            self.spare.start()
+            self.spare.start_soon()  # in the background: serving is not delayed by it
 
     def _kill_unrecorded_daemons(self, recorded: Sequence[DaemonRecord]) -> None:
         """Start-up: kill daemon programs (and warm standbys) serving an API socket under

@@ -10,7 +10,9 @@ A new spare is started at once.
 
 The spare is the snapshotter's child and leaves when the snapshotter does (it watches its parent);
 one left by a snapshotter killed at the wrong moment (while it was still importing) is killed at
-the next start-up. Its socket is ``<root>/spare/api.sock``, outside ``<root>/socket/``: it is no
+the next start-up. Both happen in the background (`start_soon`): a snapshotter serves as soon as
+it would without a spare, which matters most after a crash, when containerd is re-dialling it.
+Its socket is ``<root>/spare/api.sock``, outside ``<root>/socket/``: it is no
 daemon until it is handed a command line. A real ``nydusd`` has no spare mode:
 its spare exits at once and daemons are then started cold (logged once).
 """
@@ -60,34 +62,54 @@ class Spare:
         self.pid = 0
         self.failures = 0
         self.enabled = True
-        self._lock = threading.Lock()
+        self.stopped = False
+        self._lock = threading.Lock()  # the pid: one hand-over, start or stop at a time
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def start_soon(self) -> None:
+        """Start-up: kill an earlier snapshotter's spare, then start ours, in a thread.
+
+        Neither may delay serving: after a snapshotter crash containerd re-dials its socket
+        with a growing back-off (1 s, 1.6 s, ... in containerd 1.6), and every call it gets in
+        the meantime fails. A Prepare that comes first finds no spare and starts its daemon cold.
+        """
+        threading.Thread(target=self._start_up, name="spare-daemon", daemon=True).start()
+
+    def _start_up(self) -> None:
+        try:
+            self.kill_leftovers()
+            self.start()
+        except Exception:
+            log.exception("spare daemon: cannot start one; daemons start cold")
+
     def start(self) -> None:
-        """Start a spare unless one runs (or the feature was given up)."""
-        if not self.enabled or (self.pid and not process.exited(self.pid)):
-            return
-        program = shutil.which(self.program)
-        if program is None:
-            self.enabled = False
-            log.warning("spare daemon: program %r not found; daemons start cold", self.program)
-            return
-        self.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.socket.unlink(missing_ok=True)
-        argv = [program, "spare", "--apisock", str(self.socket), "--parent", str(os.getpid())]
-        log_file = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            log_file = self.log_dir / "spare.out"
-            argv += ["--log-file", str(self.log_dir / "spare.log")]
-        nice = shutil.which("nice")
-        shown = " ".join(argv)
-        argv += ["--title-room", "_" * TITLE_ROOM]
-        self.pid = process.spawn(([nice, "-n", "19"] if nice else []) + argv, log_file,
-                                 what="spare daemon", shown=shown)  # fmt: skip
+        """Start a spare unless one runs (or the feature was given up, or the spare stopped)."""
+        with self._lock:
+            if self.stopped or not self.enabled or (self.pid and not process.exited(self.pid)):
+                return
+            program = shutil.which(self.program)
+            if program is None:
+                self.enabled = False
+                log.warning("spare daemon: program %r not found; daemons start cold", self.program)
+                return
+            self.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.socket.unlink(missing_ok=True)
+            argv = [program, "spare", "--apisock", str(self.socket), "--parent", str(os.getpid())]
+            log_file = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                log_file = self.log_dir / "spare.out"
+                argv += ["--log-file", str(self.log_dir / "spare.log")]
+            nice = shutil.which("nice")
+            shown = " ".join(argv)
+            argv += ["--title-room", "_" * TITLE_ROOM]
+            self.pid = process.spawn(([nice, "-n", "19"] if nice else []) + argv, log_file,
+                                     what="spare daemon", shown=shown)  # fmt: skip
 
     def stop(self) -> None:
+        """Stop the spare; none is started after this (a start-up still under way included)."""
         with self._lock:
+            self.stopped = True
             pid, self.pid = self.pid, 0
         if pid:
             process.terminate(pid, self.socket, grace=2.0, what="spare daemon")

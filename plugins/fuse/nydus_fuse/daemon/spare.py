@@ -133,6 +133,18 @@ def _take(doc: dict[str, object], program: str) -> list[str]:
     return list(argv[1:])
 
 
+def _unlink_own(path: str, bound: os.stat_result) -> None:
+    """Remove the socket at `path` if it is still the one this spare bound.
+
+    A spare may be slow to notice that its snapshotter is gone (it looks every `PARENT_CHECK`,
+    niced); by then the next snapshotter's spare can be listening at the same path, and removing
+    that one would leave it unreachable."""
+    with contextlib.suppress(FileNotFoundError):
+        now = os.stat(path)
+        if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
+
+
 def run(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     from nydus_fuse.daemon.main import main, setup_logging
@@ -144,6 +156,7 @@ def run(argv: Sequence[str]) -> int:
     except OSError as e:
         log.error("spare: cannot listen on %s: %s", args.apisock, e)
         return 1
+    bound = os.stat(args.apisock)
     log.info("spare ready on %s", args.apisock)
     program = sys.argv[0]
     # From the command line: the snapshotter may already be gone by the time the imports are done.
@@ -153,8 +166,7 @@ def run(argv: Sequence[str]) -> int:
         if os.getppid() != parent:  # the snapshotter is gone: a spare is of no use to anyone
             log.info("spare: the snapshotter (pid %d) is gone; exiting", parent)
             listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.apisock)
+            _unlink_own(args.apisock, bound)
             return 0
         try:
             conn, _ = listener.accept()
@@ -174,7 +186,6 @@ def run(argv: Sequence[str]) -> int:
             conn.sendall(b"ok\n")
         break
     listener.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(args.apisock)
+    _unlink_own(args.apisock, bound)
     log.info("spare: becoming %s", " ".join(daemon_argv))
     return main(daemon_argv)
