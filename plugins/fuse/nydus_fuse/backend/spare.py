@@ -38,9 +38,9 @@ SPARE_DAEMON = ConfigOption(
     section="daemon",
     key="spare_daemon",
     type=bool,
-    default=False,
+    default=True,
     description=(
-        "experimental: keep one nydusd-py process started, imported and niced, that becomes the next fusedev "
+        "keep one nydusd-py process started, imported and niced, that becomes the next fusedev "
         "daemon when one is needed, so Prepare does not wait for an interpreter start (a real "
         "nydusd has no spare mode: daemons then start cold)"
     ),
